@@ -1,0 +1,225 @@
+"""The IP-Adapter module: an image projection plus the decoupled attention weights of every cross-attention layer.
+
+    adapter = IPAdapter.from_file("ip-adapter_sd15.safetensors")   # any official layout, or ours
+    adapter.attach(pipe.unet)                                        # validated before anything changes
+    adapter.set_tokens(adapter.project(image=embeds), uncond=...)    # or the higher-level pipeline helpers
+    ...
+    adapter.detach()                                                 # the UNet is exactly as before
+
+Parameter names: `image_proj.*` (official projection names), `layers.{i}.to_k_ip/to_v_ip.weight` for
+cross-attention layer i, and `lora.{j}.to_{q,k,v,out}_lora.{down,up}.weight` for attention layer j (FaceID).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer, LoRABranch
+from .config import AdapterConfig, ResamplerConfig
+from .layers import AttentionLayer, attention_layers, cross_attention_layers
+from .lora import AttentionLoRA
+from .projection import build_projection
+from .state import PromptState
+from .variants import get_variant
+
+
+class IPAdapter(nn.Module):
+    """Image projection + per-layer `to_k_ip`/`to_v_ip` (+ FaceID LoRA), attachable to a diffusers UNet."""
+
+    def __init__(self, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_proj = build_projection(config)
+        self.layers = nn.ModuleList(IPLayer(config.cross_attention_dim, h) for h in config.layer_hidden_sizes)
+        self.lora = (
+            nn.ModuleList(
+                AttentionLoRA(h, config.cross_attention_dim if j % 2 else h, config.lora_rank)
+                for j, h in enumerate(config.lora_hidden_sizes)
+            )
+            if config.lora_rank
+            else None
+        )
+        self.state = PromptState(config.num_layers)
+        self._processors: list[tuple[nn.Module, DecoupledAttnProcessor]] = []  # (attention module, processor)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def for_unet(
+        cls,
+        unet: nn.Module,
+        variant: str = "base",
+        image_embed_dim: int | None = None,
+        init_from_unet: bool = True,
+    ) -> IPAdapter:
+        """A new adapter of `variant` sized for `unet`.
+
+        Args:
+            unet: the diffusers UNet it will be trained on.
+            variant: a name from `ipadapter.variants.VARIANTS` ("base", "plus", "full", "faceid", "sd15", ...).
+            image_embed_dim: width of the encoder output the projection consumes (pooled projection_dim for
+                pooled variants, hidden_size for penultimate ones). Defaults to the variant's official width.
+            init_from_unet: copy each layer's `to_k`/`to_v` into `to_k_ip`/`to_v_ip` (paper §3.2: "to speed up the
+                convergence"); otherwise they keep PyTorch's default init.
+        """
+        v = get_variant(variant)
+        cross = cross_attention_layers(unet)
+        cross_dim = int(unet.config.cross_attention_dim)
+        embed_dim = image_embed_dim if image_embed_dim is not None else v.image_embed_dim
+        if v.image_feature != "none" and not embed_dim:
+            raise ValueError(f"variant {variant!r} needs image_embed_dim (the image encoder's output width), found None")
+        num_tokens = v.num_tokens  # 0 for "full": one token per encoder token, known only at run time
+        resampler = None
+        if v.projection in ("resampler", "faceid_plus"):
+            dim = v.resampler_dim or cross_dim
+            heads = v.resampler_heads or max(1, dim // 64)
+            resampler = ResamplerConfig(dim=dim, depth=4, dim_head=64, heads=heads, ff_mult=4)
+        lora_sizes: tuple[int, ...] = ()
+        if v.lora_rank:
+            lora_sizes = tuple(layer.hidden_size for layer in attention_layers(unet))
+        config = AdapterConfig(
+            projection=v.projection,
+            num_tokens=num_tokens,
+            cross_attention_dim=cross_dim,
+            layer_hidden_sizes=tuple(layer.hidden_size for layer in cross),
+            image_feature=v.image_feature,
+            image_embed_dim=embed_dim if v.image_feature != "none" else 0,
+            id_embed_dim=v.id_embed_dim,
+            id_hidden_dim=2 * v.id_embed_dim,
+            resampler=resampler,
+            lora_rank=v.lora_rank,
+            lora_hidden_sizes=lora_sizes,
+            shortcut=v.shortcut,
+            variant=variant,
+        )
+        adapter = cls(config)
+        if init_from_unet:
+            adapter.init_from_unet(unet)
+        return adapter
+
+    @torch.no_grad()
+    def init_from_unet(self, unet: nn.Module) -> None:
+        """to_k_ip / to_v_ip start as copies of each cross-attention layer's to_k / to_v (paper §3.2)."""
+        cross = self._check_unet(unet)
+        for ip_layer, layer in zip(self.layers, cross):
+            ip_layer.to_k_ip.weight.copy_(layer.module.to_k.weight)
+            ip_layer.to_v_ip.weight.copy_(layer.module.to_v.weight)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **kwargs) -> IPAdapter:
+        """Loads any official layout (.bin / .safetensors) or the project's own format; see `checkpoint.load_adapter`."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(path, **kwargs)
+
+    def save(self, path: str | os.PathLike, layout: str = "ipadapter") -> None:
+        """Saves to the project's self-describing safetensors (`layout="ipadapter"`) or the official layout."""
+        from .checkpoint import save_adapter
+
+        save_adapter(self, path, layout=layout)
+
+    # ---- attaching ----------------------------------------------------------------------------------------------
+    def _check_unet(self, unet: nn.Module) -> list[AttentionLayer]:
+        """Validates that this adapter fits `unet`; returns its cross-attention layers. Changes nothing."""
+        cfg = self.config
+        cross = cross_attention_layers(unet)
+        unet_cross_dim = int(getattr(unet.config, "cross_attention_dim", -1))
+        if isinstance(getattr(unet.config, "cross_attention_dim", None), (list, tuple)):
+            raise ValueError("UNets with per-block cross_attention_dim are not supported")
+        if len(cross) != cfg.num_layers or unet_cross_dim != cfg.cross_attention_dim:
+            from .config import base_family
+
+            raise ValueError(
+                f"this adapter is for {cfg.base_family} ({cfg.num_layers} cross-attention layers, context width "
+                f"{cfg.cross_attention_dim}); the UNet is {base_family(unet_cross_dim, len(cross))} "
+                f"({len(cross)} cross-attention layers, context width {unet_cross_dim})"
+            )
+        for i, layer in enumerate(cross):
+            if layer.hidden_size != cfg.layer_hidden_sizes[i] or layer.context_dim != cfg.cross_attention_dim:
+                raise ValueError(
+                    f"cross-attention layer {i} ({layer.name}) has width {layer.hidden_size} and context "
+                    f"{layer.context_dim}; the adapter expects {cfg.layer_hidden_sizes[i]} and {cfg.cross_attention_dim}"
+                )
+        if self.lora is not None:
+            all_layers = attention_layers(unet)
+            sizes = tuple(layer.hidden_size for layer in all_layers)
+            if sizes != cfg.lora_hidden_sizes:
+                raise ValueError(
+                    f"the adapter's LoRA expects {len(cfg.lora_hidden_sizes)} attention layers of widths "
+                    f"{cfg.lora_hidden_sizes[:4]}...; the UNet has {len(sizes)} of widths {sizes[:4]}..."
+                )
+        return cross
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._processors)
+
+    def attach(self, unet: nn.Module) -> IPAdapter:
+        """Installs this adapter's branches on every cross-attention layer of `unet` (and LoRA on every attention).
+
+        Everything is checked first; on any mismatch a ValueError is raised and the UNet is left untouched. Several
+        adapters can be attached to one UNet; each keeps its own tokens and scales. Returns self.
+        """
+        if self.attached:
+            raise ValueError("this adapter is already attached; call detach() first")
+        cross = self._check_unet(unet)
+        param = next(unet.parameters(), None)
+        if param is not None:
+            self.to(device=param.device)
+        targets: dict[str, tuple[nn.Module, ImageBranch | None, LoRABranch | None]] = {}
+        for i, layer in enumerate(cross):
+            targets[layer.name] = (layer.module, ImageBranch(self, self.layers[i], i, self.state), None)
+        if self.lora is not None:
+            for j, layer in enumerate(attention_layers(unet)):
+                module, image_branch, _ = targets.get(layer.name, (layer.module, None, None))
+                targets[layer.name] = (module, image_branch, LoRABranch(self, self.lora[j]))
+        for module, image_branch, lora_branch in targets.values():
+            processor = module.processor
+            if not isinstance(processor, DecoupledAttnProcessor):
+                processor = DecoupledAttnProcessor(previous=module.processor)
+                module.set_processor(processor)
+            if image_branch is not None:
+                processor.image_branches.append(image_branch)
+            if lora_branch is not None:
+                processor.lora_branches.append(lora_branch)
+            self._processors.append((module, processor))
+        return self
+
+    def detach(self) -> None:
+        """Removes this adapter's branches; layers left without branches get their previous processor back."""
+        for module, processor in self._processors:
+            processor.remove(self)
+            if processor.empty and module.processor is processor:
+                module.set_processor(processor.previous)
+        self._processors = []
+        self.state.clear()
+
+    # ---- run-time inputs ----------------------------------------------------------------------------------------
+    def project(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder features -> image tokens (B, T, cross_attention_dim)."""
+        cfg = self.config
+        if image is not None and cfg.image_embed_dim and image.shape[-1] != cfg.image_embed_dim:
+            from .config import image_encoder_name
+
+            raise ValueError(
+                f"this adapter ({cfg.variant}) expects {cfg.image_embed_dim}-d {cfg.image_feature} features from "
+                f"{image_encoder_name(cfg.image_feature, cfg.image_embed_dim)}; found {image.shape[-1]}-d features "
+                f"({image_encoder_name(cfg.image_feature, image.shape[-1])})"
+            )
+        if face_id is not None and cfg.id_embed_dim and face_id.shape[-1] != cfg.id_embed_dim:
+            raise ValueError(f"this adapter expects {cfg.id_embed_dim}-d face embeddings, found {face_id.shape[-1]}-d")
+        return self.image_proj(image=image, face_id=face_id)
+
+    def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
+        """Sets the image tokens the attached layers attend to (see `state.PromptState` for the batch rule)."""
+        self.state.set_tokens(cond, uncond)
+
+    def set_scale(self, scale: float | Sequence[float]) -> None:
+        """λ for every adapted layer, or one λ per layer."""
+        self.state.set_scale(scale)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

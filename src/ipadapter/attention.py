@@ -1,0 +1,165 @@
+"""Decoupled cross-attention (paper §3.2, eq. 5): Z = Attn(Q, K_text, V_text) + Σ_a λ_a · Attn(Q, K_ip^a, V_ip^a).
+
+`DecoupledAttnProcessor` replaces a diffusers attention processor. Its text attention is diffusers'
+`AttnProcessor2_0` step for step, so with no image branch active the layer computes exactly what it did before.
+Each attached adapter adds one `ImageBranch` (its own `to_k_ip` / `to_v_ip` over its image tokens, with the same
+query), and optionally LoRA deltas on q/k/v/out (FaceID). The processor is not an `nn.Module`: attaching an adapter
+adds nothing to the UNet's parameters or state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import AttentionLoRA
+from .state import PromptState
+
+
+class IPLayer(nn.Module):
+    """The two new projections of one cross-attention layer: image tokens -> keys / values (no bias)."""
+
+    def __init__(self, context_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.to_k_ip = nn.Linear(context_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, hidden_size, bias=False)
+
+
+class ImageBranch:
+    """λ · softmax(Q K_ip^T / sqrt(d)) V_ip for one adapter at one layer."""
+
+    def __init__(self, owner: nn.Module, layer: IPLayer, layer_index: int, state: PromptState) -> None:
+        self.owner = owner  # the IPAdapter this branch belongs to (used to detach)
+        self.layer = layer
+        self.layer_index = layer_index
+        self.state = state
+
+    @property
+    def active(self) -> bool:
+        """False when λ = 0 for this layer: the branch is skipped entirely (bit-identical to no adapter, and free)."""
+        return self.state.layer_scales[self.layer_index] != 0
+
+    def __call__(self, query: torch.Tensor, heads: int) -> torch.Tensor:
+        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh)."""
+        scale = self.state.layer_scales[self.layer_index]
+        batch, _, length, head_dim = query.shape
+        key = (self.layer_index, batch, query.dtype, query.device)
+        kv = self.state.cached(key)
+        if kv is None:
+            tokens = self.state.tokens_for(batch)  # (B, T, C)
+            weight = self.layer.to_k_ip.weight
+            tokens = tokens.to(device=weight.device, dtype=weight.dtype)
+            k = self.layer.to_k_ip(tokens).to(query.dtype)  # (B, T, H*Dh)
+            v = self.layer.to_v_ip(tokens).to(query.dtype)
+            k = k.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, T, Dh)
+            v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
+            kv = (k, v)
+            self.state.store(key, kv)
+        out = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
+        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim).to(query.dtype)  # (B, L, H*Dh)
+        return scale * out
+
+
+class LoRABranch:
+    """FaceID LoRA deltas for one attention layer: proj(x) + lora(x) on q, k, v and out."""
+
+    def __init__(self, owner: nn.Module, lora: AttentionLoRA) -> None:
+        self.owner = owner
+        self.lora = lora
+
+
+class DecoupledAttnProcessor:
+    """diffusers attention processor with decoupled image-prompt branches (see module docstring)."""
+
+    def __init__(self, previous: Callable) -> None:
+        self.previous = previous  # restored when the last branch is removed
+        self.image_branches: list[ImageBranch] = []
+        self.lora_branches: list[LoRABranch] = []
+
+    @property
+    def empty(self) -> bool:
+        return not self.image_branches and not self.lora_branches
+
+    def remove(self, owner: nn.Module) -> None:
+        self.image_branches = [b for b in self.image_branches if b.owner is not owner]
+        self.lora_branches = [b for b in self.lora_branches if b.owner is not owner]
+
+    def _project(self, base: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        out = base(x)
+        for branch in self.lora_branches:
+            out = out + getattr(branch.lora, name)(x)
+        return out
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        branches = [b for b in self.image_branches if b.active]
+        if not branches and not self.lora_branches:
+            # Nothing to add: the layer's own processor runs, so its output is exactly what it was.
+            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)  # (B, HW, C)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])  # (B, H, L, S)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = self._project(attn.to_q, "to_q_lora", hidden_states)  # (B, L, H*Dh)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = self._project(attn.to_k, "to_k_lora", encoder_hidden_states)  # (B, S, H*Dh)
+        value = self._project(attn.to_v, "to_v_lora", encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, L, Dh)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, S, Dh)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )  # (B, H, L, Dh)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, L, H*Dh)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5).
+        for branch in branches:
+            hidden_states = hidden_states + branch(query, attn.heads)
+
+        hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

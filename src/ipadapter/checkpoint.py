@@ -1,0 +1,439 @@
+"""Reading, checking and writing IP-Adapter checkpoints.
+
+Layouts understood:
+- official `.bin`: `torch.save({"image_proj": {...}, "ip_adapter": {...}})`, read with `weights_only=True` only;
+- official `.safetensors`: the same tensors flat, as `image_proj.<k>` / `ip_adapter.<k>`;
+- the official trainer's accelerate state (`image_proj_model.*`, `adapter_modules.*`, `unet.*` ignored);
+- ours: safetensors with our parameter names and the `AdapterConfig` JSON in the metadata.
+
+Each foreign layout is mapped by one pure function (`official_to_internal`, `internal_to_official`,
+`training_to_official`). Loading is strict: the config is derived from keys and shapes, then every key and shape is
+checked against the module that config builds, before any tensor is used.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import AdapterConfig, ResamplerConfig, base_family
+from .variants import match_variant
+
+FORMAT_KEY = "format"
+FORMAT_NAME = "ipadapter"
+CONFIG_KEY = "ipadapter_config"
+FORMAT_VERSION = "1"
+
+_IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+_LORA_KEY = re.compile(r"^(\d+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(down|up)\.weight$")
+
+
+# ---- reading files ----------------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads a checkpoint file into flat `{name: tensor}` plus safetensors metadata, never running pickled code.
+
+    Nested official `.bin` dicts are flattened to `image_proj.<k>` / `ip_adapter.<k>`. With `shapes_only` the
+    tensors are meta tensors (shape and dtype, no data), which is enough to inspect or validate a large file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: expected a .safetensors or .bin file at {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                if shapes_only:
+                    return {
+                        k: torch.empty(f.get_slice(k).get_shape(), dtype=_SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()],
+                                       device="meta")
+                        for k in f.keys()
+                    }, metadata
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata
+        except (SafetensorError, OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive ("PK\x03\x04"); legacy files and raw pickles start with the PROTO opcode 0x80.
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (expected a torch.save zip archive or a .safetensors file; "
+            f"found a file starting with {head!r})"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=(shapes_only and head == b"PK\x03\x04") or None)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refused to load {path}: it is not a plain tensor checkpoint - its pickle holds Python objects or "
+            "instructions that the safe loader (torch.load weights_only=True) does not accept, and that could run "
+            "code. Get a .safetensors version of this checkpoint from a source you trust."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
+    flat = _flatten(obj, path)
+    if shapes_only:
+        flat = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in flat.items()}
+    return flat, {}
+
+
+def _flatten(obj: dict, path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update(_flatten(value, path, name + "."))
+        else:
+            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}; expected tensors only")
+    return flat
+
+
+def detect_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """'ipadapter', 'official' or 'training' (official trainer's accelerate state)."""
+    if metadata.get(FORMAT_KEY) == FORMAT_NAME:
+        return "ipadapter"
+    if any(k.startswith("image_proj.") for k in tensors) and any(k.startswith("ip_adapter.") for k in tensors):
+        return "official"
+    if any(k.startswith("image_proj_model.") for k in tensors) and any(k.startswith("adapter_modules.") for k in tensors):
+        return "training"
+    sample = sorted(tensors)[:5]
+    raise ValueError(
+        "not an IP-Adapter checkpoint: expected `image_proj.*` and `ip_adapter.*` tensors (official layout) or "
+        f"ipadapter metadata; found {len(tensors)} tensors such as {sample}"
+    )
+
+
+# ---- pure layout mappings ---------------------------------------------------------------------------------------
+def training_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official trainer state (`image_proj_model.*`, `adapter_modules.{k}.*`) -> official layout; `unet.*` dropped.
+
+    `adapter_modules` is `ModuleList(unet.attn_processors.values())`, so its index is the official index.
+    """
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("image_proj_model."):
+            out["image_proj." + key.removeprefix("image_proj_model.")] = value
+        elif key.startswith("adapter_modules."):
+            out["ip_adapter." + key.removeprefix("adapter_modules.")] = value
+    return out
+
+
+def official_to_internal(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official names -> ours: `ip_adapter.{2i+1}.to_k_ip` -> `layers.{i}.to_k_ip`; `ip_adapter.{j}.*_lora` ->
+    `lora.{j}.*_lora`; `image_proj.*` unchanged. Raises on any key it cannot place."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("image_proj."):
+            out[key] = value
+            continue
+        if not key.startswith("ip_adapter."):
+            raise ValueError(f"unexpected tensor {key!r}: official checkpoints hold only image_proj.* and ip_adapter.*")
+        rest = key.removeprefix("ip_adapter.")
+        if m := _IP_KEY.match(rest):
+            index = int(m.group(1))
+            if index % 2 != 1:
+                raise ValueError(f"{key}: image keys/values sit on cross-attention layers (odd indices), found {index}")
+            out[f"layers.{(index - 1) // 2}.{m.group(2)}.weight"] = value
+        elif m := _LORA_KEY.match(rest):
+            out[f"lora.{m.group(1)}.{m.group(2)}.{m.group(3)}.weight"] = value
+        else:
+            raise ValueError(f"unexpected tensor {key!r} in the official ip_adapter section")
+    return out
+
+
+def internal_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `official_to_internal`."""
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("image_proj."):
+            out[key] = value
+        elif m := re.match(r"^layers\.(\d+)\.(to_k_ip|to_v_ip)\.weight$", key):
+            out[f"ip_adapter.{2 * int(m.group(1)) + 1}.{m.group(2)}.weight"] = value
+        elif m := re.match(r"^lora\.(\d+)\.(\w+_lora)\.(down|up)\.weight$", key):
+            out[f"ip_adapter.{m.group(1)}.{m.group(2)}.{m.group(3)}.weight"] = value
+        else:
+            raise ValueError(f"unexpected adapter tensor {key!r}")
+    return _official_order(out)
+
+
+def _official_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """image_proj first, then ip_adapter by numeric index (LoRA before to_k_ip/to_v_ip, as official modules)."""
+    def rank(key: str) -> tuple:
+        if key.startswith("image_proj."):
+            return (0, 0, 0)
+        index, name = key.removeprefix("ip_adapter.").split(".", 1)
+        order = ["to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora", "to_k_ip", "to_v_ip"]
+        sub = name.split(".")[0]
+        return (1, int(index), order.index(sub) if sub in order else 99)
+
+    keys = sorted(tensors, key=lambda k: rank(k))  # stable: image_proj keeps its order
+    return {k: tensors[k] for k in keys}
+
+
+# ---- config detection -------------------------------------------------------------------------------------------
+def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"incomplete checkpoint: expected tensor {key!r}, not found")
+    return tuple(sd[key].shape)
+
+
+def detect_config(tensors: dict[str, torch.Tensor], filename: str = "") -> AdapterConfig:
+    """Derives the full AdapterConfig of an official-layout state dict from its keys and shapes alone."""
+    proj = {k.removeprefix("image_proj."): v for k, v in tensors.items() if k.startswith("image_proj.")}
+    ip = {k.removeprefix("ip_adapter."): v for k, v in tensors.items() if k.startswith("ip_adapter.")}
+    if not proj or not ip:
+        raise ValueError(
+            f"an official checkpoint needs both image_proj.* and ip_adapter.* tensors; found {len(proj)} and {len(ip)}"
+        )
+
+    # Cross-attention layers: odd indices 1, 3, ..., 2L-1 with to_k_ip / to_v_ip.
+    indices = sorted({int(m.group(1)) for k in ip if (m := _IP_KEY.match(k))})
+    expected = list(range(1, 2 * len(indices), 2))
+    if indices != expected:
+        raise ValueError(
+            f"ip_adapter layer indices must be 1, 3, ..., {2 * len(indices) - 1} (one per cross-attention layer); "
+            f"found {indices[:8]}{'...' if len(indices) > 8 else ''}"
+        )
+    hidden = tuple(_shape(ip, f"{i}.to_k_ip.weight")[0] for i in indices)
+    cross_dim = _shape(ip, f"{indices[0]}.to_k_ip.weight")[1]
+
+    # FaceID LoRA on every attention layer 0 .. 2L-1.
+    lora_idx = sorted({int(m.group(1)) for k in ip if (m := _LORA_KEY.match(k))})
+    lora_rank, lora_hidden = 0, ()
+    if lora_idx:
+        if lora_idx != list(range(2 * len(indices))):
+            raise ValueError(f"LoRA tensors must cover attention layers 0..{2 * len(indices) - 1}, found {lora_idx[:8]}...")
+        lora_rank = _shape(ip, "0.to_q_lora.down.weight")[0]
+        lora_hidden = tuple(_shape(ip, f"{j}.to_q_lora.up.weight")[0] for j in lora_idx)
+
+    resampler = None
+    id_dim = id_hidden = embed_dim = 0
+    shortcut = False
+    if "proj.weight" in proj:
+        projection, feature = "linear", "pooled"
+        out_dim, embed_dim = _shape(proj, "proj.weight")
+        c = _shape(proj, "norm.weight")[0]
+        num_tokens = out_dim // c
+    elif "proj.3.weight" in proj:
+        projection, feature = "mlp", "penultimate"
+        embed_dim = _shape(proj, "proj.0.weight")[1]
+        c = _shape(proj, "proj.3.weight")[0]
+        num_tokens = 257 if embed_dim == 1280 else 0  # one token per encoder token (257 for ViT-H/14 at 224)
+    elif "perceiver_resampler.proj_in.weight" in proj:
+        projection, feature = "faceid_plus", "penultimate"
+        id_hidden, id_dim = _shape(proj, "proj.0.weight")
+        c = _shape(proj, "norm.weight")[0]
+        num_tokens = _shape(proj, "proj.2.weight")[0] // c
+        dim, embed_dim = _shape(proj, "perceiver_resampler.proj_in.weight")
+        resampler = _detect_resampler(proj, "perceiver_resampler.", dim)
+        shortcut = "plusv2" in filename.lower().replace("-", "").replace("_", "")
+    elif "latents" in proj:
+        projection, feature = "resampler", "penultimate"
+        _, num_tokens, dim = _shape(proj, "latents")
+        embed_dim = _shape(proj, "proj_in.weight")[1]
+        c = _shape(proj, "proj_out.weight")[0]
+        resampler = _detect_resampler(proj, "", dim)
+    elif "norm.weight" in proj and "proj.0.weight" in proj:
+        projection, feature = "faceid", "none"
+        id_hidden, id_dim = _shape(proj, "proj.0.weight")
+        c = _shape(proj, "norm.weight")[0]
+        num_tokens = _shape(proj, "proj.2.weight")[0] // c
+    else:
+        raise ValueError(f"unrecognised image_proj layout; keys found: {sorted(proj)[:8]}")
+
+    if c != cross_dim:
+        raise ValueError(
+            f"inconsistent checkpoint: image_proj makes {c}-d tokens but to_k_ip expects {cross_dim}-d context"
+        )
+    family = base_family(cross_dim, len(indices))
+    variant = match_variant(projection, num_tokens, family, embed_dim, lora_rank, filename)
+    return AdapterConfig(
+        projection=projection,
+        num_tokens=num_tokens,
+        cross_attention_dim=cross_dim,
+        layer_hidden_sizes=hidden,
+        image_feature=feature,
+        image_embed_dim=embed_dim,
+        id_embed_dim=id_dim,
+        id_hidden_dim=id_hidden,
+        resampler=resampler,
+        lora_rank=lora_rank,
+        lora_hidden_sizes=lora_hidden,
+        shortcut=shortcut,
+        variant=variant,
+    )
+
+
+def _detect_resampler(proj: dict[str, torch.Tensor], prefix: str, dim: int) -> ResamplerConfig:
+    depth = len({k.removeprefix(prefix).split(".")[1] for k in proj if k.startswith(prefix + "layers.")})
+    inner = _shape(proj, f"{prefix}layers.0.0.to_q.weight")[0]
+    dim_head = 64  # official value; only heads * dim_head is visible in the weights
+    if inner % dim_head:
+        raise ValueError(f"resampler attention width {inner} is not a multiple of the 64-d heads official files use")
+    ff_inner = _shape(proj, f"{prefix}layers.0.1.1.weight")[0]
+    return ResamplerConfig(dim=dim, depth=depth, dim_head=dim_head, heads=inner // dim_head, ff_mult=ff_inner // dim)
+
+
+# ---- strict loading ---------------------------------------------------------------------------------------------
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> None:
+    """Raises ValueError listing missing, unexpected and mis-shaped tensors."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{k}: expected {tuple(expected[k])}, found {tuple(found[k].shape)}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k])
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} with wrong shapes (e.g. {wrong[:3]})")
+        raise ValueError(f"{what} does not match its architecture: " + "; ".join(parts))
+
+
+def load_adapter(
+    path: str | os.PathLike | dict[str, torch.Tensor],
+    unet: torch.nn.Module | None = None,
+    image_encoder: torch.nn.Module | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    shortcut: bool | None = None,
+):
+    """Loads an IP-Adapter from any supported layout, strictly.
+
+    Args:
+        path: a .safetensors or .bin file (official layout, official trainer state, or ours), or a flat or nested
+            official state dict.
+        unet: if given, the adapter is checked against it (layer count, widths) - not attached.
+        image_encoder: if given, its output width is checked against the adapter's projection.
+        dtype: cast the weights (default: keep the file's dtype).
+        device: where the weights go.
+        shortcut: FaceID-Plus only: force PlusV2 behaviour on (True) or off (False); default from the file name.
+
+    Returns:
+        an `IPAdapter`, detached.
+    """
+    if isinstance(path, dict):
+        tensors, metadata, name = _flatten(path, Path("<state dict>")), {}, "<state dict>"
+    else:
+        tensors, metadata = read_tensors(path)
+        name = Path(path).name
+    adapter = adapter_from_tensors(tensors, metadata, name, shortcut=shortcut)
+    adapter.to(device=device, dtype=dtype) if dtype is not None else adapter.to(device=device)
+    if unet is not None:
+        adapter._check_unet(unet)
+    if image_encoder is not None:
+        from .encoders import check_encoder
+
+        check_encoder(adapter.config, image_encoder)
+    return adapter
+
+
+def config_from_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = ""
+) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config of a checkpoint in any layout, and its tensors under our parameter names."""
+    layout = detect_layout(tensors, metadata)
+    if layout == "ipadapter":
+        return AdapterConfig.from_json(metadata[CONFIG_KEY]), tensors
+    official = training_to_official(tensors) if layout == "training" else tensors
+    return detect_config(official, name), official_to_internal(official)
+
+
+def adapter_from_tensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = "", shortcut: bool | None = None
+):
+    """Builds the adapter a checkpoint describes (without random init) and loads it strictly."""
+    from dataclasses import replace
+
+    from .adapter import IPAdapter
+
+    config, internal = config_from_tensors(tensors, metadata, name)
+    if shortcut is not None and config.projection == "faceid_plus":
+        config = replace(config, shortcut=shortcut)
+    with torch.device("meta"):
+        adapter = IPAdapter(config)
+    expected = {k: v.shape for k, v in adapter.state_dict().items()}
+    check_state_dict(expected, internal, f"checkpoint {name} ({config.variant})")
+    adapter.load_state_dict(internal, strict=True, assign=True)
+    return adapter
+
+
+def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter") -> None:
+    """Writes `adapter` as ours (safetensors + config metadata) or official (.bin nested / .safetensors flat)."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    if layout == "ipadapter":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"the ipadapter layout is safetensors; expected a .safetensors path, found {path.name}")
+        metadata = {FORMAT_KEY: FORMAT_NAME, CONFIG_KEY: adapter.config.to_json(), "format_version": FORMAT_VERSION}
+        _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    elif layout == "official":
+        official = internal_to_official(state)
+        if path.suffix == ".safetensors":
+            _atomic(path, lambda tmp: save_file(official, str(tmp)))
+        elif path.suffix in (".bin", ".pt", ".pth"):
+            nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+            for key, value in official.items():
+                section, name = key.split(".", 1)
+                nested[section][name] = value
+            _atomic(path, lambda tmp: torch.save(nested, str(tmp)))
+        else:
+            raise ValueError(f"official checkpoints are .bin or .safetensors; found {path.name}")
+    else:
+        raise ValueError(f"layout must be 'ipadapter' or 'official', found {layout!r}")
+
+
+def _atomic(path: Path, write) -> None:
+    """Writes through a temporary file in the same folder, then renames: a crash never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What `ipadapter inspect` prints: variant, tokens, base family, layers, the encoder needed, size, dtype."""
+    tensors, metadata = read_tensors(path, shapes_only=True)
+    layout = detect_layout(tensors, metadata)
+    adapter = adapter_from_tensors(tensors, metadata, Path(path).name)  # validates every key and shape
+    cfg = adapter.config
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    tokens = cfg.num_tokens or "one per encoder token"
+    if cfg.projection == "faceid" and cfg.num_tokens == 16:
+        tokens = "16 per face (faces concatenated)"
+    return {
+        "file": str(path),
+        "layout": layout,
+        "variant": cfg.variant,
+        "projection": cfg.projection,
+        "num_tokens": tokens,
+        "base_family": cfg.base_family,
+        "cross_attention_dim": cfg.cross_attention_dim,
+        "adapted_layers": cfg.num_layers,
+        "image_encoder": cfg.image_encoder_name,
+        "image_feature": cfg.image_feature,
+        "image_embed_dim": cfg.image_embed_dim,
+        "face_id_embedding": f"{cfg.id_embed_dim}-d ArcFace (insightface)" if cfg.id_embed_dim else "none",
+        "lora_rank": cfg.lora_rank,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "dtype": ", ".join(dtypes),
+    }

@@ -1,0 +1,64 @@
+"""`ipadapter` command line: a thin layer over importable functions. Every subcommand is `main([...])`-testable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import describe
+
+    info = describe(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        label = key.replace("_", " ")
+        if key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import load_adapter, save_adapter
+
+    adapter = load_adapter(args.input)
+    save_adapter(adapter, args.output, layout=args.to)
+    print(f"wrote {args.output} ({args.to} layout, {adapter.config.variant})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipadapter", description="IP-Adapter image prompts for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint: variant, tokens, base model, the image encoder it needs")
+    p.add_argument("checkpoint", help="an IP-Adapter .safetensors or .bin file (official layout or ours)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="convert between the official layout and ipadapter's self-describing format")
+    p.add_argument("input", help="checkpoint to read (any supported layout, incl. the official trainer's state)")
+    p.add_argument("output", help="file to write (.safetensors; .bin also allowed for --to official)")
+    p.add_argument("--to", choices=["official", "ipadapter"], required=True, help="layout to write")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Typed configuration of an IP-Adapter: everything needed to rebuild its modules from nothing.
+
+One JSON form (`to_json` / `from_json`) is stored in the metadata of the project's own safetensors checkpoints, so a
+checkpoint describes itself. Official checkpoints carry no config; `checkpoint.detect_config` derives it from their
+keys and shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
+IMAGE_FEATURES = ("pooled", "penultimate", "none")
+
+
+@dataclass(frozen=True)
+class ResamplerConfig:
+    """Perceiver resampler of the Plus / FaceID-Plus projections (official `resampler.py`)."""
+
+    dim: int  # width of the learned queries inside the resampler (768 SD1.5 Plus, 1280 SDXL Plus)
+    depth: int = 4  # number of (attention, feed-forward) blocks
+    dim_head: int = 64  # width of one attention head
+    heads: int = 12  # number of attention heads
+    ff_mult: int = 4  # hidden width of the feed-forward = ff_mult * dim
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Architecture of one IP-Adapter (projection + decoupled cross-attention layers)."""
+
+    projection: str  # one of PROJECTIONS: linear (4 tokens), resampler (Plus), mlp (full), faceid, faceid_plus
+    num_tokens: int  # image-prompt tokens produced per reference image (4, 16 or 257)
+    cross_attention_dim: int  # width of the UNet's cross-attention context (768 SD1.5, 1024 SD2, 2048 SDXL)
+    layer_hidden_sizes: tuple[int, ...]  # query width of each adapted cross-attention layer, in attn_processors order
+    image_feature: str = "pooled"  # encoder output consumed: pooled `image_embeds`, penultimate hidden states, or none
+    image_embed_dim: int = 0  # width of that encoder output (1024 ViT-H pooled, 1280 ViT-H hidden / bigG pooled, ...)
+    id_embed_dim: int = 0  # width of the face-identity embedding for FaceID variants (512 ArcFace), 0 otherwise
+    id_hidden_dim: int = 0  # hidden width of the FaceID identity MLP (official: 2 * id_embed_dim = 1024)
+    resampler: ResamplerConfig | None = None  # set for resampler and faceid_plus projections
+    lora_rank: int = 0  # rank of the FaceID LoRA on every attention's q/k/v/out; 0 = no LoRA
+    lora_hidden_sizes: tuple[int, ...] = ()  # query width of every attention layer (attn1 and attn2) when lora_rank > 0
+    shortcut: bool = False  # FaceID-PlusV2: tokens = id tokens + s_scale * resampler output
+    variant: str = "custom"  # name in the variants table this matches ("sd15", "sdxl_plus", ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (source file, training run, ...)
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, found {self.projection!r}")
+        if self.image_feature not in IMAGE_FEATURES:
+            raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, found {self.image_feature!r}")
+        if self.projection in ("resampler", "faceid_plus") and self.resampler is None:
+            raise ValueError(f"projection {self.projection!r} needs a ResamplerConfig, found None")
+        if self.lora_rank and len(self.lora_hidden_sizes) != 2 * len(self.layer_hidden_sizes):
+            raise ValueError(
+                f"a LoRA adapter needs one hidden size per attention layer (expected "
+                f"{2 * len(self.layer_hidden_sizes)}), found {len(self.lora_hidden_sizes)}"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """Number of adapted cross-attention layers (16 for SD1.5, 70 for SDXL)."""
+        return len(self.layer_hidden_sizes)
+
+    @property
+    def base_family(self) -> str:
+        """The base model family this adapter was made for, judged by its shapes."""
+        return base_family(self.cross_attention_dim, self.num_layers)
+
+    @property
+    def image_encoder_name(self) -> str:
+        """Human name of the image encoder whose output this adapter consumes."""
+        return image_encoder_name(self.image_feature, self.image_embed_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+        data = dict(data)
+        if data.get("resampler") is not None:
+            data["resampler"] = ResamplerConfig(**data["resampler"])
+        for key in ("layer_hidden_sizes", "lora_hidden_sizes"):
+            if key in data:
+                data[key] = tuple(int(x) for x in data[key])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def base_family(cross_attention_dim: int, num_layers: int) -> str:
+    """Names the base model family from the cross-attention width and the number of cross-attention layers."""
+    known = {(768, 16): "SD1.5", (1024, 16): "SD2.x", (2048, 70): "SDXL"}
+    if (cross_attention_dim, num_layers) in known:
+        return known[(cross_attention_dim, num_layers)]
+    return f"custom ({num_layers} cross-attention layers of context width {cross_attention_dim})"
+
+
+def image_encoder_name(image_feature: str, image_embed_dim: int) -> str:
+    """Names the CLIP image encoder that produces `image_embed_dim`-wide `image_feature` outputs."""
+    if image_feature == "none":
+        return "none (face-identity embedding only)"
+    known = {
+        ("pooled", 1024): "ViT-H/14 (pooled image_embeds, 1024-d)",
+        ("pooled", 1280): "ViT-bigG/14 (pooled image_embeds, 1280-d)",
+        ("penultimate", 1280): "ViT-H/14 (penultimate hidden states, 1280-d)",
+        ("penultimate", 1664): "ViT-bigG/14 (penultimate hidden states, 1664-d)",
+    }
+    if (image_feature, image_embed_dim) in known:
+        return known[(image_feature, image_embed_dim)]
+    return f"custom encoder ({image_feature} features, {image_embed_dim}-d)"

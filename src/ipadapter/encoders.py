@@ -1,0 +1,121 @@
+"""The frozen CLIP image encoder, with the official IP-Adapter preprocessing and output selection.
+
+Official preprocessing is a default `CLIPImageProcessor()`: resize the short side to 224 (bicubic), centre-crop
+224, CLIP mean/std. Base variants read the pooled, projected `image_embeds`; Plus / full / FaceID-Plus read
+`hidden_states[-2]` (penultimate layer, all tokens, no final norm). The unconditional input matches training: zeros
+in embedding space for pooled features, the encoder run on a zero pixel tensor for penultimate ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import AdapterConfig, image_encoder_name
+
+
+class ImageEncoder(nn.Module):
+    """A `CLIPVisionModelWithProjection` plus its preprocessing."""
+
+    def __init__(self, model: nn.Module, processor=None) -> None:
+        super().__init__()
+        from transformers import CLIPImageProcessor
+
+        self.model = model.eval().requires_grad_(False)
+        size = int(model.config.image_size)
+        # Defaults = official `CLIPImageProcessor()` (bicubic, centre crop, CLIP mean/std), sized to the encoder.
+        self.processor = processor or CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        **kwargs,
+    ) -> ImageEncoder:
+        """Loads a CLIPVisionModelWithProjection from a local folder or hub id (e.g. h94/IP-Adapter, models/image_encoder)."""
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        path = Path(name_or_path)
+        if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
+            raise FileNotFoundError(f"no image encoder config.json in {path / (subfolder or '')}")
+        sub = {"subfolder": subfolder} if subfolder else {}
+        model = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype, **sub, **kwargs)
+        processor = None
+        try:
+            processor = CLIPImageProcessor.from_pretrained(str(name_or_path), **sub, **kwargs)
+        except (OSError, ValueError):
+            processor = None  # h94's encoder folders ship no preprocessor config: use the official defaults
+        return cls(model.to(device), processor)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled, projected `image_embeds`."""
+        return int(self.model.config.projection_dim)
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the hidden states (penultimate features)."""
+        return int(self.model.config.hidden_size)
+
+    def feature_dim(self, feature: str) -> int:
+        return self.pooled_dim if feature == "pooled" else self.hidden_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def preprocess(self, images: Sequence[Image.Image] | Image.Image) -> torch.Tensor:
+        """PIL images -> normalised pixels (B, 3, S, S)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image] | Image.Image | torch.Tensor, feature: str) -> torch.Tensor:
+        """Pooled (B, projection_dim) or penultimate (B, N, hidden) features of images or preprocessed pixels."""
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if feature == "pooled":
+            return self.model(pixel_values=pixels).image_embeds  # (B, P)
+        if feature == "penultimate":
+            return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, N, D)
+        raise ValueError(f"feature must be 'pooled' or 'penultimate', found {feature!r}")
+
+    @torch.no_grad()
+    def unconditional(self, feature: str, batch_size: int = 1) -> torch.Tensor:
+        """What training dropped images to: zero embeddings (pooled) or the encoding of zero pixels (penultimate)."""
+        if feature == "pooled":
+            return torch.zeros(batch_size, self.pooled_dim, device=self.device, dtype=self.dtype)
+        size = int(self.model.config.image_size)
+        zeros = torch.zeros(batch_size, 3, size, size, device=self.device, dtype=self.dtype)
+        return self.encode(zeros, feature)
+
+
+def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
+    """Raises ValueError, naming both encoders, when `encoder`'s output width is not what `config` consumes."""
+    if config.image_feature == "none":
+        return
+    model_cfg = encoder.model.config if isinstance(encoder, ImageEncoder) else encoder.config
+    if config.image_feature == "pooled" and not hasattr(model_cfg, "projection_dim"):
+        raise ValueError("this adapter needs pooled, projected image_embeds; the encoder has no projection")
+    found = int(model_cfg.projection_dim if config.image_feature == "pooled" else model_cfg.hidden_size)
+    if found != config.image_embed_dim:
+        raise ValueError(
+            f"image encoder mismatch: this adapter ({config.variant}) expects {config.image_embed_dim}-d "
+            f"{config.image_feature} features from {image_encoder_name(config.image_feature, config.image_embed_dim)}; "
+            f"the encoder gives {found}-d ({image_encoder_name(config.image_feature, found)})"
+        )
+

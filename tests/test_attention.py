@@ -1,0 +1,190 @@
+"""Decoupled cross-attention: the math, attaching and detaching, batches, scales and the key/value cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from tiny_models import tiny_unet, unet_inputs
+
+from ipadapter import IPAdapter
+from ipadapter.attention import DecoupledAttnProcessor
+from ipadapter.layers import cross_attention_layers
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet("sd15")
+
+
+def _adapter(unet, variant="base", seed=0):
+    torch.manual_seed(seed)
+    adapter = IPAdapter.for_unet(unet, variant, image_embed_dim=40 if variant == "base" else 48)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return adapter
+
+
+def test_one_layer_computes_text_attention_plus_scaled_image_attention(unet):
+    """Z = softmax(QK^T/sqrt(d))V + λ softmax(QK'^T/sqrt(d))V', then to_out (paper eq. 5)."""
+    adapter = _adapter(unet).attach(unet)
+    layer = cross_attention_layers(unet)[0]
+    attn = layer.module
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, layer.hidden_size, generator=g)
+    text = torch.randn(2, 3, unet.config.cross_attention_dim, generator=g)
+    tokens = torch.randn(2, 4, unet.config.cross_attention_dim, generator=g)
+    adapter.set_tokens(tokens)
+    adapter.set_scale(0.6)
+    with torch.no_grad():
+        found = attn(x, encoder_hidden_states=text)
+
+        def heads(t):  # (B, N, H*Dh) -> (B, H, N, Dh)
+            return t.view(2, t.shape[1], attn.heads, -1).transpose(1, 2)
+
+        def attend(q, k, v):
+            w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+            return (w @ v).transpose(1, 2).reshape(2, q.shape[2], -1)
+
+        q = heads(attn.to_q(x))
+        text_out = attend(q, heads(attn.to_k(text)), heads(attn.to_v(text)))
+        ip = adapter.layers[0]
+        image_out = attend(q, heads(ip.to_k_ip(tokens)), heads(ip.to_v_ip(tokens)))
+        expected = attn.to_out[0](text_out + 0.6 * image_out)
+    adapter.detach()
+    assert torch.allclose(found, expected, atol=1e-5)
+
+
+def test_new_adapter_copies_to_k_to_v_and_adapts_only_cross_attention(unet):
+    adapter = IPAdapter.for_unet(unet, "base", image_embed_dim=40)
+    cross = cross_attention_layers(unet)
+    assert len(adapter.layers) == len(cross) == 16
+    for ip, layer in zip(adapter.layers, cross):
+        assert torch.equal(ip.to_k_ip.weight, layer.module.to_k.weight)
+        assert torch.equal(ip.to_v_ip.weight, layer.module.to_v.weight)
+        assert ip.to_k_ip.bias is None and ip.to_v_ip.bias is None
+    adapter.attach(unet)
+    for name, proc in unet.attn_processors.items():
+        assert isinstance(proc, DecoupledAttnProcessor) == name.endswith("attn2.processor")
+    adapter.detach()
+
+
+def test_detach_restores_previous_processors_and_output_bit_for_bit(unet):
+    unet.set_attn_processor(AttnProcessor())  # a non-default processor must come back too
+    before = dict(unet.attn_processors)
+    keys_before = list(unet.state_dict())
+    inputs = unet_inputs(unet, 2)
+    with torch.no_grad():
+        reference = unet(**inputs).sample
+        adapter = _adapter(unet).attach(unet)
+        assert list(unet.state_dict()) == keys_before  # nothing added to the UNet's weights
+        adapter.set_tokens(adapter.project(image=torch.randn(2, 40)))
+        assert not torch.equal(unet(**inputs).sample, reference)
+        adapter.set_scale(0.0)  # λ = 0: the branch is skipped, output identical to the plain model
+        assert torch.equal(unet(**inputs).sample, reference)
+        adapter.detach()
+        assert dict(unet.attn_processors) == before
+        assert torch.equal(unet(**inputs).sample, reference)
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_two_adapters_work_side_by_side_and_detach_independently(unet):
+    inputs = unet_inputs(unet, 1)
+    a, b = _adapter(unet, "base", 1), _adapter(unet, "plus", 2)
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+        a.attach(unet)
+        a.set_tokens(a.project(image=torch.randn(1, 40)))
+        only_a = unet(**inputs).sample
+        b.attach(unet)
+        b.set_tokens(b.project(image=torch.randn(1, 5, 48)))
+        both = unet(**inputs).sample
+        assert not torch.allclose(both, only_a)
+        b.detach()
+        assert torch.equal(unet(**inputs).sample, only_a)
+        a.detach()
+        assert torch.equal(unet(**inputs).sample, plain)
+
+
+def test_batch_rule_cfg_and_images_per_prompt(unet):
+    """Row r of a batch gets its own reference; CFG batches get [uncond half, cond half]."""
+    adapter = _adapter(unet).attach(unet)
+    g = torch.Generator().manual_seed(5)
+    cond = adapter.project(image=torch.randn(2, 40, generator=g)).detach()
+    uncond = adapter.project(image=torch.zeros(2, 40)).detach()
+    inputs = unet_inputs(unet, 4)
+    with torch.no_grad():
+        adapter.set_tokens(cond, uncond)  # 2 prompts, CFG: rows = [u0, u1, c0, c1]
+        batched = unet(**inputs).sample
+        for row, (tokens, index) in enumerate([(uncond, 0), (uncond, 1), (cond, 0), (cond, 1)]):
+            adapter.set_tokens(tokens[index : index + 1])
+            single = {k: (v[row : row + 1] if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in inputs.items()}
+            assert torch.allclose(unet(**single).sample, batched[row : row + 1], atol=1e-5), row
+        adapter.set_tokens(cond)  # no CFG, 2 images per prompt: rows = [c0, c0, c1, c1]
+        rows = adapter.state.tokens_for(4)
+        assert torch.equal(rows[1], cond[0]) and torch.equal(rows[2], cond[1])
+        adapter.set_tokens(cond, uncond)
+        with pytest.raises(ValueError, match="not a CFG batch"):
+            unet(**unet_inputs(unet, 3))
+    adapter.detach()
+
+
+def test_image_keys_values_are_computed_once_per_generation(unet):
+    adapter = _adapter(unet).attach(unet)
+    calls = []
+    hook = adapter.layers[0].to_k_ip.register_forward_hook(lambda *a: calls.append(1))
+    inputs = unet_inputs(unet, 1)
+    with torch.no_grad():
+        adapter.set_tokens(adapter.project(image=torch.randn(1, 40)))
+        first = unet(**inputs).sample
+        second = unet(**inputs).sample  # a later denoising step
+        assert len(calls) == 1 and torch.equal(first, second)
+        adapter.set_tokens(adapter.project(image=torch.randn(1, 40)))  # a new prompt invalidates the cache
+        unet(**inputs)
+        assert len(calls) == 2
+    out = unet(**inputs).sample  # with gradients (training): always recomputed, and differentiable
+    assert len(calls) == 3
+    hook.remove()
+    adapter.detach()
+
+
+def test_gradients_reach_only_the_adapter(unet):
+    adapter = _adapter(unet).attach(unet)
+    unet.requires_grad_(False)
+    features = torch.randn(2, 40)
+    adapter.set_tokens(adapter.project(image=features))
+    loss = unet(**unet_inputs(unet, 2)).sample.square().mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert all(p.grad is None for p in unet.parameters())
+    adapter.detach()
+
+
+def test_per_layer_scales(unet):
+    inputs = unet_inputs(unet, 1)
+    with torch.no_grad():
+        plain = unet(**inputs).sample
+    adapter = _adapter(unet).attach(unet)
+    with torch.no_grad():
+        adapter.set_tokens(adapter.project(image=torch.randn(1, 40)))
+        adapter.set_scale([0.0] * 16)
+        assert torch.equal(unet(**inputs).sample, plain)
+        adapter.set_scale([0.0] * 15 + [1.0])  # only the mid-block layer (official index 31)
+        assert not torch.equal(unet(**inputs).sample, plain)
+        with pytest.raises(ValueError, match=r"one scale per adapted layer \(16\), found 3"):
+            adapter.set_scale([1.0, 1.0, 1.0])
+    adapter.detach()
+
+
+def test_missing_image_prompt_is_a_clear_error(unet):
+    adapter = _adapter(unet).attach(unet)
+    with pytest.raises(ValueError, match="no image prompt is set"):
+        with torch.no_grad():
+            unet(**unet_inputs(unet, 1))
+    adapter.detach()
+    with pytest.raises(ValueError, match="already attached"):
+        adapter.attach(unet).attach(unet)
+    adapter.detach()

@@ -1,0 +1,236 @@
+"""Official checkpoint layouts: detection, strict validation, round trips and safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from tiny_models import REFERENCE, real_unet_on_meta, reference_json, tiny_unet
+
+from ipadapter import IPAdapter, load_adapter, read_tensors
+from ipadapter.checkpoint import adapter_from_tensors, describe, internal_to_official, official_to_internal
+from ipadapter.layers import cross_attention_layers
+
+KEY_LISTS = sorted(p.stem for p in (REFERENCE / "ip_adapter" / "checkpoint_keys").glob("*.json"))
+
+# official file -> (variant we report, tokens, family, encoder width, feature)
+EXPECTED = {
+    "ip-adapter_sd15": ("sd15", 4, "SD1.5", 1024, "pooled"),
+    "ip-adapter_sd15_vit-G": ("sd15_vit-G", 4, "SD1.5", 1280, "pooled"),
+    "ip-adapter-plus_sd15": ("sd15_plus", 16, "SD1.5", 1280, "penultimate"),
+    "ip-adapter-full-face_sd15": ("sd15_full_face", 257, "SD1.5", 1280, "penultimate"),
+    "ip-adapter_sdxl": ("sdxl", 4, "SDXL", 1280, "pooled"),
+    "ip-adapter_sdxl_vit-h": ("sdxl_vit-h", 4, "SDXL", 1024, "pooled"),
+    "ip-adapter-plus_sdxl_vit-h": ("sdxl_plus_vit-h", 16, "SDXL", 1280, "penultimate"),
+    "ip-adapter-faceid_sd15": ("faceid_sd15", 4, "SD1.5", 0, "none"),
+    "ip-adapter-faceid-plusv2_sd15": ("faceid_plusv2_sd15", 4, "SD1.5", 1280, "penultimate"),
+    "ip-adapter-faceid-portrait_sd15": ("faceid_portrait_sd15", 16, "SD1.5", 0, "none"),
+    "ip-adapter-faceid_sdxl": ("faceid_sdxl", 4, "SDXL", 0, "none"),
+    "ip-adapter-faceid-plusv2_sdxl": ("faceid_plusv2_sdxl", 4, "SDXL", 1280, "penultimate"),
+    "ip-adapter-faceid-portrait_sdxl": ("faceid_portrait_sdxl", 16, "SDXL", 0, "none"),
+}
+
+
+def reference_tensors(name: str, device: str = "meta", dtype=torch.float16) -> dict[str, torch.Tensor]:
+    spec = reference_json(f"ip_adapter/checkpoint_keys/{name}.json")
+    if device == "meta":
+        return {k: torch.empty(shape, dtype=dtype, device="meta") for k, shape in spec["tensors"].items()}
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=g).to(dtype) for k, shape in spec["tensors"].items()}
+
+
+def test_every_reference_layout_is_covered():
+    assert set(KEY_LISTS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("family, layers", [("sd15", 16), ("sdxl", 70)])
+def test_real_unets_have_the_official_cross_attention_layers(family, layers):
+    unet = real_unet_on_meta(family)
+    cross = cross_attention_layers(unet)
+    assert len(cross) == layers
+    index_map = reference_json(f"ip_adapter/attn_processor_index_map_{family}.json")["processors"]
+    official = [e for e in index_map if e["has_to_k_ip_to_v_ip"]]
+    assert [(e["index"], e["diffusers_attn_processor"].removesuffix(".processor"), e["hidden_size"]) for e in official] == [
+        (layer.index, layer.name, layer.hidden_size) for layer in cross
+    ]
+
+
+@pytest.mark.parametrize("name", KEY_LISTS)
+def test_full_size_official_layouts_are_detected_and_fit_the_real_unet(name):
+    variant, tokens, family, embed_dim, feature = EXPECTED[name]
+    spec = reference_json(f"ip_adapter/checkpoint_keys/{name}.json")
+    adapter = adapter_from_tensors(reference_tensors(name), {}, name + ".bin")
+    cfg = adapter.config
+    assert (cfg.variant, cfg.num_tokens, cfg.base_family, cfg.image_embed_dim, cfg.image_feature) == (
+        variant, tokens, family, embed_dim, feature,
+    )
+    assert adapter.num_parameters() == spec["parameter_count"]
+    unet = real_unet_on_meta("sdxl" if family == "SDXL" else "sd15")
+    adapter._check_unet(unet)  # every layer width and the layer count match the real UNet
+    # Our names map back to exactly the official keys.
+    official = internal_to_official(adapter.state_dict())
+    assert list(official) == list(spec["tensors"])
+
+
+def test_faceid_plus_v1_and_v2_are_told_apart_by_file_name_like_comfyui():
+    tensors = reference_tensors("ip-adapter-faceid-plusv2_sd15")
+    assert not adapter_from_tensors(tensors, {}, "ip-adapter-faceid-plus_sd15.bin").config.shortcut
+    assert adapter_from_tensors(tensors, {}, "ip-adapter-faceid-plusv2_sd15.bin").config.shortcut
+    assert adapter_from_tensors(tensors, {}, "ip-adapter-faceid-plusv2_sd15.bin").config.variant == "faceid_plusv2_sd15"
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_official_round_trip_is_bit_exact(tmp_path, suffix):
+    source = reference_tensors("ip-adapter_sd15", device="cpu")
+    path = tmp_path / f"ip-adapter_sd15{suffix}"
+    if suffix == ".bin":
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in source.items():
+            section, rest = key.split(".", 1)
+            nested[section][rest] = value
+        torch.save(nested, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(source, str(path))
+    adapter = load_adapter(path)
+    assert adapter.image_proj.proj.weight.dtype == torch.float16  # the file's dtype is kept
+    out = tmp_path / f"again{suffix}"
+    adapter.save(out, layout="official")
+    back, _ = read_tensors(out)
+    assert set(back) == set(source)
+    for key in source:
+        assert torch.equal(back[key], source[key]), key
+    if suffix == ".bin":  # nested like the official files, tensors in the official order
+        raw = torch.load(out, weights_only=True)
+        assert list(raw) == ["image_proj", "ip_adapter"]
+        assert list(back) == list(source)
+
+
+def test_own_format_describes_itself_and_round_trips(tmp_path):
+    unet = tiny_unet("sd15")
+    adapter = IPAdapter.for_unet(unet, "plus", image_embed_dim=48)
+    adapter.save(tmp_path / "mine.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["ipadapter_config"])["projection"] == "resampler"
+    again = load_adapter(tmp_path / "mine.safetensors", unet=unet)
+    assert again.config == adapter.config
+    for (k, a), (k2, b) in zip(adapter.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    # ours -> official -> ours keeps every tensor
+    assert official_to_internal(internal_to_official(adapter.state_dict())).keys() == adapter.state_dict().keys()
+
+
+def test_official_trainer_state_is_read_without_hand_conversion(tmp_path):
+    """The official tutorial's accelerate state (`image_proj_model.*`, `adapter_modules.*`, `unet.*`) loads."""
+    source = reference_tensors("ip-adapter_sd15", device="cpu")
+    state = {"unet.conv_in.weight": torch.zeros(3)}
+    for key, value in source.items():
+        section, rest = key.split(".", 1)
+        state[("image_proj_model." if section == "image_proj" else "adapter_modules.") + rest] = value
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    adapter = load_adapter(tmp_path / "pytorch_model.bin")
+    assert adapter.config.variant == "sd15"
+    assert torch.equal(adapter.layers[0].to_k_ip.weight, source["ip_adapter.1.to_k_ip.weight"])
+
+
+# ---- rejections ---------------------------------------------------------------------------------------------
+def test_sdxl_adapter_on_sd15_unet_is_rejected_before_anything_changes():
+    adapter = adapter_from_tensors(reference_tensors("ip-adapter_sdxl"), {}, "ip-adapter_sdxl.bin")
+    unet = real_unet_on_meta("sd15")
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match=r"for SDXL \(70 cross-attention layers.*UNet is SD1.5 \(16"):
+        adapter.attach(unet)
+    assert dict(unet.attn_processors) == before and not adapter.attached
+
+
+def test_vit_bigg_encoder_for_vit_h_adapter_is_rejected():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ipadapter import check_encoder
+
+    adapter = adapter_from_tensors(reference_tensors("ip-adapter_sd15"), {}, "ip-adapter_sd15.bin")
+    cfg = CLIPVisionConfig(**{k: v for k, v in reference_json("ip_adapter/image_encoder_vit_bigg_config.json").items()
+                              if k in CLIPVisionConfig().to_dict() and not k.startswith("_") and k != "architectures"})
+    with torch.device("meta"):
+        bigg = CLIPVisionModelWithProjection(cfg)
+    with pytest.raises(ValueError, match=r"expects 1024-d pooled features from ViT-H/14.*gives 1280-d \(ViT-bigG/14"):
+        check_encoder(adapter.config, bigg)
+
+
+def test_plus_adapter_given_pooled_embeddings_says_what_it_needs():
+    adapter = adapter_from_tensors(reference_tensors("ip-adapter-plus_sd15", device="cpu"), {}, "plus.bin")
+    with pytest.raises(ValueError, match=r"penultimate hidden states.*found pooled image embeddings of shape \(1, 1280\)"):
+        adapter.project(image=torch.zeros(1, 1280, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"expects 1280-d penultimate features.*found 1024-d"):
+        adapter.project(image=torch.zeros(1, 257, 1024, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_truncated_file_is_a_clear_error(tmp_path, suffix):
+    adapter = IPAdapter.for_unet(tiny_unet("sd15"), "base", image_embed_dim=40)
+    path = tmp_path / f"ip{suffix}"
+    adapter.save(path, layout="official")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(path)
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")
+    os.rename(tmp_path / "picture.png", tmp_path / "adapter.bin")
+    with pytest.raises(ValueError, match="not a .*PyTorch checkpoint"):
+        load_adapter(tmp_path / "adapter.bin")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_adapter(tmp_path / "missing.safetensors")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.bin")
+    with pytest.raises(ValueError, match=r"not an IP-Adapter checkpoint: expected `image_proj\.\*`"):
+        load_adapter(tmp_path / "other.bin")
+
+
+class _Exploit:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.bin", "wb") as f:
+        pickle.dump({"image_proj": {"proj.weight": _Exploit(str(marker))}}, f, protocol=protocol)
+    with pytest.raises(ValueError, match="refused to load .*could run code"):
+        load_adapter(tmp_path / "evil.bin")
+    assert not marker.exists()
+
+
+def test_wrong_shape_names_the_tensor(tmp_path):
+    tensors = reference_tensors("ip-adapter_sd15")
+    tensors["ip_adapter.5.to_v_ip.weight"] = torch.empty(640, 1024, device="meta")
+    with pytest.raises(ValueError, match=r"to_v_ip.*expected|layers\.2\.to_v_ip"):
+        adapter_from_tensors(tensors, {}, "broken.bin")
+    del tensors["ip_adapter.5.to_v_ip.weight"]
+    with pytest.raises(ValueError, match=r"1 missing \(e\.g\. \['layers\.2\.to_v_ip\.weight'\]\)"):
+        adapter_from_tensors(tensors, {}, "broken.bin")
+
+
+def test_describe_answers_which_encoder_goes_with_a_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(reference_tensors("ip-adapter_sd15_vit-G", device="cpu"), str(tmp_path / "ip-adapter_sd15_vit-G.safetensors"))
+    info = describe(tmp_path / "ip-adapter_sd15_vit-G.safetensors")
+    assert info["variant"] == "sd15_vit-G"
+    assert info["image_encoder"].startswith("ViT-bigG/14 (pooled")
+    assert info["base_family"] == "SD1.5" and info["adapted_layers"] == 16 and info["num_tokens"] == 4
+    assert info["parameters"] == 23_106_048 and info["dtype"] == "float16"

@@ -1,0 +1,86 @@
+"""Tiny models for tests and benchmarks, built from shrunken copies of the real configs in tests/reference/.
+
+The shrunken UNets keep the real block structure (so SD1.5-like has exactly 16 cross-attention layers in the same
+order) and only make every width small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+REFERENCE = Path(__file__).parent / "reference"
+
+
+def reference_json(relative: str) -> dict:
+    return json.loads((REFERENCE / relative).read_text())
+
+
+def unet_config(family: str, cross_attention_dim: int = 32, width: int = 32) -> dict:
+    """A real UNet config with every width shrunk; `family` is 'sd15' or 'sdxl'."""
+    cfg = {k: v for k, v in reference_json(f"{family}/unet_config.json").items() if not k.startswith("_")}
+    n = len(cfg["block_out_channels"])
+    cfg["block_out_channels"] = [width * min(2**i, 2) for i in range(n)]
+    cfg["norm_num_groups"] = 8
+    cfg["cross_attention_dim"] = cross_attention_dim
+    cfg["sample_size"] = 8
+    if family == "sd15":
+        cfg["attention_head_dim"] = 4  # = number of heads in SD1.5 configs (legacy naming)
+    else:
+        cfg["attention_head_dim"] = [2, 4, 4]
+        cfg["transformer_layers_per_block"] = [1, 2, 2]
+        cfg["addition_time_embed_dim"] = 8
+        cfg["projection_class_embeddings_input_dim"] = 8 * 6 + cross_attention_dim
+    return cfg
+
+
+def tiny_unet(family: str = "sd15", seed: int = 0, **kwargs):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config(family, **kwargs)).eval()
+
+
+def real_unet_on_meta(family: str):
+    """The full-size SD1.5 / SDXL UNet built on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in reference_json(f"{family}/unet_config.json").items() if not k.startswith("_")}
+    with torch.device("meta"):
+        return UNet2DConditionModel(**cfg)
+
+
+def unet_inputs(unet, batch: int, seed: int = 1, text_len: int = 7) -> dict:
+    """Random latents, timestep, text states (and SDXL micro-conditioning) for one UNet call."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+        "timestep": torch.tensor(500),
+        "encoder_hidden_states": torch.randn(batch, text_len, cfg.cross_attention_dim, generator=g),
+    }
+    if cfg.addition_embed_type == "text_time":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, cfg.cross_attention_dim, generator=g),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1),
+        }
+    return inputs
+
+
+def tiny_clip_vision(hidden: int = 48, projection: int = 40, image_size: int = 28, patch: int = 14, seed: int = 0):
+    """A tiny CLIPVisionModelWithProjection shaped like ViT-H/14 (patch 14, 4 patches + CLS at 28 px)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=projection,
+    )
+    return CLIPVisionModelWithProjection(cfg).eval()
