@@ -84,3 +84,50 @@ def tiny_clip_vision(hidden: int = 48, projection: int = 40, image_size: int = 2
         projection_dim=projection,
     )
     return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def make_sd_folder(path, seed: int = 0) -> tuple[str, str]:
+    """A complete tiny SD1.5-shaped diffusers folder (16 px images, 8x8 latents) and a tiny image encoder folder.
+
+    Returns (base folder, image encoder folder).
+    """
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ipadapter.tinyworld.stack import TokenizerConfig, build_tokenizer
+
+    path = Path(path)
+    tokenizer = build_tokenizer(TokenizerConfig())
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet("sd15", seed=seed),
+        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path / "sd")
+    tiny_clip_vision(image_size=28).save_pretrained(path / "image_encoder")
+    return str(path / "sd"), str(path / "image_encoder")
+
+
+def make_world_folder(path, n: int, seed: int = 0, size: int = 16) -> str:
+    """n tiny-world images with same-named .txt captions."""
+    from pathlib import Path
+
+    from ipadapter.tinyworld.world import make_dataset
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for i, sample in enumerate(make_dataset(n, seed=seed, size=size)):
+        sample.image.save(path / f"{i:04d}.png")
+        (path / f"{i:04d}.txt").write_text(sample.caption)
+    return str(path)

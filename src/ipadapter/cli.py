@@ -47,10 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="file to write (.safetensors; .bin also allowed for --to official)")
     p.add_argument("--to", choices=["official", "ipadapter"], required=True, help="layout to write")
     p.set_defaults(func=cmd_convert)
+
+    sub.add_parser("train", help="train an adapter (see `ipadapter train --help`)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # training has its own parser (one flag per TrainConfig field)
+        from .training.loop import main as train_main
+
+        return train_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

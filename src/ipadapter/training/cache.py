@@ -1,0 +1,137 @@
+"""Embedding cache: the frozen encoders' outputs computed once, so training steps run only the UNet.
+
+Per sample it stores the VAE latent distribution (mean, std), the image-encoder features the variant reads, and the
+text-encoder states (plus SDXL's pooled text embedding and micro-conditioning). Once per cache it stores the
+unconditional image features and the empty caption's text states, which the recipe's dropout substitutes.
+Shards are float16 safetensors; `index.json` records what was cached so a mismatched cache is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from .data import collate
+from .models import FrozenModels, encode_text
+
+SHARD = 512  # samples per shard file
+
+
+@torch.no_grad()
+def encode_batch(models: FrozenModels, batch: dict, feature: str) -> dict[str, torch.Tensor]:
+    """The frozen models' outputs for one collated batch."""
+    vae = models.vae
+    dist = vae.encode(batch["pixels"].to(vae.device, vae.dtype)).latent_dist
+    out = {"latent_mean": dist.mean, "latent_std": dist.std}
+    text, pooled = encode_text(models, batch["input_ids"])
+    out["text"] = text
+    if pooled is not None:
+        out["text_pooled"] = pooled
+    if models.image_encoder is not None and feature != "none":
+        out["image"] = models.image_encoder.encode(batch["clip_pixels"], feature)
+    if "face_id" in batch:
+        out["face_id"] = batch["face_id"]
+    return out
+
+
+@torch.no_grad()
+def unconditional(models: FrozenModels, feature: str, tokenize) -> dict[str, torch.Tensor]:
+    """Empty-caption text states and unconditional image features (what dropped samples get)."""
+    ids = tuple(t[None] for t in tokenize(""))
+    text, pooled = encode_text(models, ids)
+    out = {"text": text[0]}
+    if pooled is not None:
+        out["text_pooled"] = pooled[0]
+    if models.image_encoder is not None and feature != "none":
+        out["image"] = models.image_encoder.unconditional(feature, 1)[0]
+    return out
+
+
+def fingerprint(**parts) -> dict:
+    return {k: str(v) for k, v in parts.items()}
+
+
+class EmbeddingCache(Dataset):
+    """Reads a built cache; item i holds the tensors of sample i (plus 'index', 'original_size', 'crop_top_left')."""
+
+    def __init__(self, folder: str | Path, expected: dict) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no embedding cache in {self.folder} (index.json missing)")
+        index = json.loads(index_path.read_text())
+        if index["fingerprint"] != expected:
+            diff = {k: (index["fingerprint"].get(k), v) for k, v in expected.items() if index["fingerprint"].get(k) != v}
+            raise ValueError(f"the embedding cache in {self.folder} was built for other settings (cached, wanted): {diff}")
+        self.count = int(index["count"])
+        self.keys = index["keys"]
+        self.uncond = {k: v.float() for k, v in load_file(str(self.folder / "uncond.safetensors")).items()}
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _shard(self, n: int) -> dict[str, torch.Tensor]:
+        if n not in self._shards:
+            self._shards = {n: load_file(str(self.folder / f"shard-{n:05d}.safetensors"))}  # keep one in memory
+        return self._shards[n]
+
+    def __getitem__(self, i: int) -> dict:
+        shard = self._shard(i // SHARD)
+        j = i % SHARD
+        item = {k: (v[j].float() if v.is_floating_point() else v[j]) for k, v in shard.items()}
+        item["index"] = i
+        return item
+
+
+def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feature: str, tokenize, expected: dict,
+                batch_size: int = 32, num_workers: int = 0, show_progress: bool = True) -> EmbeddingCache:
+    """Encodes every sample of `dataset` once (in order) and writes the shards; resumes a half-built cache."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "index.json").is_file():
+        return EmbeddingCache(folder, expected)
+    save_file({k: v.half().contiguous().cpu() for k, v in unconditional(models, feature, tokenize).items()},
+              str(folder / "uncond.safetensors"))
+    keys: list[str] = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    buffer: dict[str, list[torch.Tensor]] = {}
+    shard, count, skipped = 0, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, buffer
+        if not buffer:
+            return
+        tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
+        path = folder / f"shard-{shard:05d}.safetensors"
+        save_file(tensors, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
+        shard, buffer = shard + 1, {}
+
+    for batch in tqdm(loader, desc="caching embeddings", disable=not show_progress):
+        skipped += batch["skipped"]
+        if "pixels" not in batch:
+            continue
+        out = encode_batch(models, batch, feature)
+        out = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
+        out["original_size"], out["crop_top_left"] = batch["original_size"], batch["crop_top_left"]
+        for k, v in out.items():
+            buffer.setdefault(k, []).append(v)
+        keys.extend(str(i) for i in batch["index"].tolist())
+        count += len(batch["index"])
+        if sum(len(t) for t in buffer["text"]) >= SHARD:
+            rows = {k: torch.cat(v) for k, v in buffer.items()}
+            buffer = {k: [v[:SHARD]] for k, v in rows.items()}
+            rest = {k: v[SHARD:] for k, v in rows.items()}
+            flush()
+            buffer = {k: [v] for k, v in rest.items() if len(v)}
+    flush()
+    index = {"fingerprint": expected, "count": count, "skipped": skipped, "keys": keys}
+    (folder / "index.json").write_text(json.dumps(index))
+    return EmbeddingCache(folder, expected)

@@ -1,0 +1,90 @@
+"""Training checkpoints that cannot be lost.
+
+`<output>/checkpoint-<step>/` holds `adapter.safetensors` (our self-describing format: usable for generation and
+`ipadapter convert --to official` as it is), `training_state.pt` (optimizer, LR schedule, RNG, data position; tensors
+and plain values only, read back with weights_only=True) and `train_config.json`. A checkpoint is written to a
+temporary folder and renamed into place, so a kill during a save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    """Complete checkpoints in `output`, oldest first (temporary folders of interrupted saves are ignored)."""
+    output = Path(output)
+    if not output.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found) if (p / "adapter.safetensors").is_file() and (p / "training_state.pt").is_file()]
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(output: str | Path, step: int, adapter, training_state: dict, config_json: str, keep_last: int) -> Path:
+    """Writes checkpoint-<step> atomically, then prunes to the newest `keep_last`."""
+    output = Path(output)
+    final = output / f"checkpoint-{step}"
+    tmp = output / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    adapter.save(tmp / "adapter.safetensors")
+    torch.save(training_state, tmp / "training_state.pt")
+    (tmp / "train_config.json").write_text(config_json)
+    with open(tmp / "training_state.pt", "rb") as f:
+        os.fsync(f.fileno())
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_training_state(checkpoint: str | Path) -> dict:
+    path = Path(checkpoint) / "training_state.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint: {path.name} missing")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resolve_resume(output: str | Path, resume: str) -> Path | None:
+    """'latest' -> newest complete checkpoint in output (None if there is none); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "adapter.safetensors").is_file():
+        raise FileNotFoundError(f"cannot resume from {path}: expected a checkpoint folder with adapter.safetensors")
+    return path

@@ -1,0 +1,85 @@
+"""Training configuration: the paper's recipe as defaults (paper §4.1, official tutorial_train*.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; one JSON form is saved with every checkpoint."""
+
+    # --- models ---
+    base: str = "tinyworld"  # diffusers folder or hub id of the base model (SD1.5 family / SDXL), or "tinyworld"
+    image_encoder: str = ""  # CLIP image encoder folder or hub id ("" = the base folder's image_encoder/, if any)
+    variant: str = "base"  # adapter variant: base, plus, full, faceid, ... (see ipadapter.variants)
+    init_adapter: str = ""  # fine-tune this checkpoint (official layout or ours) instead of starting from scratch
+    # --- data ---
+    data: str = ""  # JSON list, JSON Lines, a folder of images with .txt captions, or WebDataset shards (*.tar / {a..b})
+    image_root: str = ""  # folder that relative `image_file` paths in JSON / JSONL are relative to
+    resolution: int = 512  # short side resize, then centre crop to resolution x resolution
+    max_samples: int = 0  # use only the first N samples (0 = all)
+    # --- recipe ---
+    learning_rate: float = 1e-4  # AdamW, constant (paper)
+    weight_decay: float = 0.01  # AdamW weight decay (paper)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    warmup_steps: int = 0  # linear warm-up steps before the constant rate (0 = paper: none)
+    max_grad_norm: float = 0.0  # gradient clipping (0 = off, as the paper)
+    drop_image: float = 0.05  # probability to drop the image prompt only (one uniform draw per sample)
+    drop_text: float = 0.05  # probability to drop the text only
+    drop_both: float = 0.05  # probability to drop both
+    noise_offset: float = 0.0  # add noise_offset * N(0,1) per (sample, channel) to the noise (0 = off)
+    batch_size: int = 8  # per process
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps
+    mixed_precision: str = "no"  # no | fp16 | bf16 (frozen models run in that dtype; adapter weights stay fp32)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward to save memory
+    seed: int = 0  # seeds data order, dropout draws, timesteps and noise
+    # --- speed ---
+    cache_embeddings: bool = False  # precompute image-encoder, text-encoder and VAE outputs once to disk
+    cache_dir: str = ""  # where the cache lives (default: <output>/cache)
+    num_workers: int = 0  # DataLoader worker processes for image decoding
+    # --- checkpoints and feedback ---
+    output: str = "runs/adapter"  # output folder: checkpoints, logs, validation images
+    save_every: int = 500  # steps between checkpoints (also saved at the end)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted after a new one is safely written)
+    resume: str = ""  # "latest", a checkpoint folder, or "" (start fresh; refuses to overwrite existing checkpoints)
+    validate_every: int = 0  # steps between validation runs (0 = off)
+    validation_images: int = 4  # number of fixed reference images (first samples of the data) to validate on
+    validation_steps: int = 20  # denoising steps of validation generations
+    log_every: int = 10  # steps between log lines / TensorBoard scalars
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
+
+    def __post_init__(self) -> None:
+        total = self.drop_image + self.drop_text + self.drop_both
+        if not 0 <= total <= 1:
+            raise ValueError(f"drop probabilities must sum to a value in [0, 1], found {total}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, found {self.mixed_precision!r}")
+        if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation < 1:
+            raise ValueError("batch_size, max_steps and gradient_accumulation must be >= 1")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+def field_help() -> dict[str, str]:
+    """Each field's comment, for the CLI's --help."""
+    import inspect
+    import re
+
+    source = inspect.getsource(TrainConfig)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(\w+): [^=]+= [^#]+#\s*(.+)$", source, re.M)}

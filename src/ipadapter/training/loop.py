@@ -1,0 +1,397 @@
+"""`ipadapter train`: the paper's recipe on Hugging Face Accelerate, from one CPU to many GPUs.
+
+Randomness is stateless: data order comes from (seed, epoch) and every step's dropout draws, timesteps and noise from
+(seed, step, process), so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adapter import IPAdapter
+from ..checkpoint import load_adapter
+from ..variants import get_variant
+from .cache import EmbeddingCache, build_cache, fingerprint
+from .checkpointing import list_checkpoints, load_training_state, resolve_resume, save_checkpoint
+from .config import TrainConfig, field_help
+from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, open_image, read_records
+from .models import FrozenModels, encode_text, load_frozen_models, tokenize_fn
+
+
+class AdapterTrainingModule(nn.Module):
+    """Frozen UNet + trainable adapter: image features -> tokens -> noise prediction."""
+
+    def __init__(self, unet: nn.Module, adapter: IPAdapter) -> None:
+        super().__init__()
+        self.unet = unet
+        self.adapter = adapter
+
+    def forward(self, noisy, timesteps, text, image=None, face_id=None, added_cond_kwargs=None) -> torch.Tensor:
+        tokens = self.adapter.project(image=image, face_id=face_id)  # (B, T, C)
+        self.adapter.set_tokens(tokens)
+        return self.unet(noisy, timesteps, text, added_cond_kwargs=added_cond_kwargs).sample
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator for one optimizer step on one process (stateless, hence exactly resumable)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+def epoch_batches(n: int, seed: int, epoch: int, start: int, batch: int, world: int, rank: int) -> Iterator[list[int]]:
+    """This process's index batches of one epoch, from sample `start` of the epoch's permutation on."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+    step = batch * world
+    for pos in range(start, n - step + 1, step):  # drop the ragged end so every process takes equal steps
+        yield order[pos + rank * batch : pos + (rank + 1) * batch]
+
+
+def drop_masks(r: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniform draw per sample: [0, p_i) image only, [p_i, p_i+p_t) text only, then p_b both (paper §4.1)."""
+    pi, pt, pb = cfg.drop_image, cfg.drop_text, cfg.drop_both
+    drop_image = (r < pi) | ((r >= pi + pt) & (r < pi + pt + pb))
+    drop_text = (r >= pi) & (r < pi + pt + pb)
+    return drop_image, drop_text
+
+
+class Trainer:
+    """One training run (see `TrainConfig`)."""
+
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.output = Path(cfg.output)
+        tracker = None
+        try:
+            import tensorboard  # noqa: F401
+
+            tracker = "tensorboard"
+        except ImportError:
+            pass
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation,
+            log_with=tracker,
+            project_dir=str(self.output),
+        )
+        self.show_progress = show_progress and self.accelerator.is_main_process
+        self.variant = get_variant(cfg.variant)
+        self.feature = self.variant.image_feature
+        self.skipped = 0
+
+    # ---- set-up -------------------------------------------------------------------------------------------------
+    def _weight_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision, torch.float32)
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.resume_from = resolve_resume(self.output, cfg.resume)
+        if self.resume_from is None and list_checkpoints(self.output):
+            raise ValueError(
+                f"{self.output} already holds checkpoints; pass --resume latest to continue, or a new --output"
+            )
+        models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
+        for module in models.frozen():
+            module.to(acc.device)
+        self.models = models
+        embed_dim = models.image_encoder.feature_dim(self.feature) if models.image_encoder is not None else None
+        if cfg.init_adapter:
+            adapter = load_adapter(cfg.init_adapter, unet=models.unet, image_encoder=models.image_encoder)
+        else:
+            torch.manual_seed(cfg.seed)  # the projection's random init is part of the run's reproducibility
+            adapter = IPAdapter.for_unet(models.unet, cfg.variant, image_embed_dim=embed_dim)
+        if self.resume_from is not None:
+            adapter.load_state_dict(load_adapter(self.resume_from / "adapter.safetensors").state_dict())
+        adapter.config.extra.update({"base": cfg.base, "image_encoder": cfg.image_encoder})
+        self.adapter = adapter.float().train().attach(models.unet)
+        if cfg.gradient_checkpointing:
+            models.unet.enable_gradient_checkpointing()
+        self.tokenize = tokenize_fn(models.tokenizers)
+        self._setup_data()
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        warmup = cfg.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.module, self.optimizer = acc.prepare(AdapterTrainingModule(models.unet, self.adapter), optimizer)
+        self.step, self.epoch, self.position = 0, 0, 0
+        if self.resume_from is not None:
+            state = load_training_state(self.resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.skipped = state.get("skipped", 0)
+
+    def _setup_data(self) -> None:
+        cfg, models = self.cfg, self.models
+        clip = models.image_encoder.processor if models.image_encoder is not None else None
+        self.cache: EmbeddingCache | None = None
+        self.streaming = is_webdataset(cfg.data)
+        if self.streaming:
+            if cfg.cache_embeddings:
+                raise ValueError("the embedding cache needs a finite dataset (JSON, JSONL or a folder), not WebDataset shards")
+            self.records = None
+            self.validation_records = [r for _, r in zip(range(cfg.validation_images), iter_webdataset(cfg.data))]
+            self.dataset = None
+            return
+        records = read_records(cfg.data, cfg.image_root)
+        if cfg.max_samples:
+            records = records[: cfg.max_samples]
+        self.records = records
+        self.validation_records = records[: cfg.validation_images]
+        dataset = TrainDataset(records, cfg.resolution, clip, self.tokenize)
+        if cfg.cache_embeddings:
+            expected = fingerprint(base=cfg.base, image_encoder=cfg.image_encoder, feature=self.feature,
+                                   resolution=cfg.resolution, data=cfg.data, samples=len(records),
+                                   dtype=self._weight_dtype())
+            folder = Path(cfg.cache_dir or self.output / "cache")
+            with self.accelerator.main_process_first():
+                if self.accelerator.is_main_process:
+                    build_cache(folder, dataset, models, self.feature, self.tokenize, expected,
+                                num_workers=cfg.num_workers, show_progress=self.show_progress)
+            self.cache = EmbeddingCache(folder, expected)
+            dataset = self.cache
+        self.dataset = dataset
+        if not len(dataset):
+            raise ValueError(f"no usable training samples in {cfg.data}")
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict]:
+        """Collated micro-batches for this process, resuming at (epoch, position)."""
+        cfg, acc = self.cfg, self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        if self.streaming:
+            while True:
+                ds = StreamingDataset(cfg.data, cfg.resolution,
+                                      self.models.image_encoder.processor if self.models.image_encoder else None,
+                                      self.tokenize, skip=self.position)
+                loader = DataLoader(ds, batch_size=cfg.batch_size * world, num_workers=cfg.num_workers,
+                                    collate_fn=lambda items: items)
+                any_batch = False
+                for items in loader:
+                    any_batch = True
+                    self.position += len(items)
+                    yield collate(items[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
+                if not any_batch:
+                    raise ValueError(f"no samples in {cfg.data}")
+                self.epoch, self.position = self.epoch + 1, 0
+        n = len(self.dataset)
+        if n < cfg.batch_size * world:
+            raise ValueError(f"{n} samples cannot fill one batch of {cfg.batch_size} x {world} processes")
+        while True:
+            sampler = list(epoch_batches(n, cfg.seed, self.epoch, self.position, cfg.batch_size, world, rank))
+            collate_fn = collate_cached if self.cache is not None else collate
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn)
+            for batch in loader:
+                self.position += cfg.batch_size * world
+                yield batch
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def inputs(self, batch: dict, g: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(model kwargs, noisy latents' target, timesteps) for one batch, with the recipe's dropout applied."""
+        cfg, models, device = self.cfg, self.models, self.accelerator.device
+        b = len(batch["index"])
+        drop_image, drop_text = drop_masks(torch.rand(b, generator=g), cfg)
+        if self.cache is not None:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            text, pooled = batch["text"], batch.get("text_pooled")
+            uncond = self.cache.uncond
+            text = torch.where(drop_text[:, None, None], uncond["text"], text)
+            if pooled is not None:
+                pooled = torch.where(drop_text[:, None], uncond["text_pooled"], pooled)
+            image = batch.get("image")
+            if image is not None:
+                image = torch.where(drop_image.view(-1, *[1] * (image.ndim - 1)), uncond["image"], image)
+        else:
+            with torch.no_grad():
+                dist = models.vae.encode(batch["pixels"].to(device, models.vae.dtype)).latent_dist
+                mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+                empty = self.tokenize("")
+                ids = tuple(torch.where(drop_text[:, None], e[None], t) for e, t in zip(empty, batch["input_ids"]))
+                text, pooled = encode_text(models, ids)
+                image = None
+                if models.image_encoder is not None and self.feature != "none":
+                    clip = batch["clip_pixels"]
+                    if self.feature == "penultimate":  # official Plus trainer: zero pixels before the encoder
+                        clip = torch.where(drop_image[:, None, None, None], torch.zeros_like(clip), clip)
+                    image = models.image_encoder.encode(clip, self.feature)
+                    if self.feature == "pooled":  # official base trainer: zero embedding after the encoder
+                        image = torch.where(drop_image[:, None].to(image.device), torch.zeros_like(image), image)
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * models.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(b, latents.shape[1], 1, 1, generator=g)
+        scheduler = models.noise_scheduler
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        kwargs: dict = {"noisy": noisy.to(device), "timesteps": timesteps.to(device), "text": text.to(device).float()}
+        if image is not None:
+            kwargs["image"] = image.to(device).float()
+        if "face_id" in batch:
+            kwargs["face_id"] = torch.where(drop_image[:, None], 0.0, batch["face_id"].float()).to(device)
+        if models.is_sdxl:
+            res = float(cfg.resolution)
+            time_ids = torch.cat(
+                [batch["original_size"].float(), batch["crop_top_left"].float(), torch.tensor([[res, res]]).repeat(b, 1)],
+                dim=1,
+            )
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device).float(), "time_ids": time_ids.to(device)}
+        return kwargs, target.to(device), timesteps
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "skipped": self.skipped,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            adapter = self.accelerator.unwrap_model(self.module).adapter
+            path = save_checkpoint(self.output, self.step, adapter, self.state(), self.cfg.to_json(), self.cfg.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def run(self) -> Path:
+        """Trains to `max_steps`; returns the final checkpoint folder."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "train_config.json").write_text(cfg.to_json())
+            if acc.log_with:
+                acc.init_trackers("ipadapter", config={k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)})
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.show_progress, desc="training")
+        batches = self.batches()
+        seen, started, losses = 0, time.perf_counter(), []
+        while self.step < cfg.max_steps:
+            for micro in range(cfg.gradient_accumulation):
+                batch = next(batches)
+                self.skipped += batch["skipped"]
+                while "index" not in batch:  # every image of the batch was unreadable
+                    batch = next(batches)
+                    self.skipped += batch["skipped"]
+                g = step_generator(cfg.seed, self.step * cfg.gradient_accumulation + micro, acc.process_index)
+                kwargs, target, _ = self.inputs(batch, g)
+                with acc.accumulate(self.module):
+                    pred = self.module(**kwargs)
+                    loss = F.mse_loss(pred.float(), target.float())
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower --learning-rate")
+                losses.append(loss.detach())
+                seen += len(batch["index"]) * acc.num_processes
+            self.lr_scheduler.step()
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                mean_loss = acc.gather(torch.stack(losses).mean()[None]).mean().item()
+                rate = seen / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:.1f}", skipped=self.skipped)
+                if acc.log_with:
+                    acc.log({"loss": mean_loss, "samples_per_s": rate, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.step)
+                losses = []
+            if cfg.validate_every and self.step % cfg.validate_every == 0 and acc.is_main_process:
+                self.validate()
+            if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+        bar.close()
+        final = self.save()
+        if acc.log_with:
+            acc.end_training()
+        self.adapter.detach()
+        return final if final is not None else self.output / f"checkpoint-{self.step}"
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Generates from the fixed validation references; logs mean CLIP image similarity (generated vs reference)."""
+        from .validation import validate
+
+        score = validate(self, self.validation_records)
+        if score is not None and self.accelerator.log_with:
+            self.accelerator.log({"validation/clip_i": score}, step=self.step)
+        return score
+
+
+def collate_cached(items: list[dict]) -> dict:
+    batch = {"skipped": 0}
+    for key in items[0]:
+        values = [i[key] for i in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    return batch
+
+
+def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
+    """Runs `cfg`; returns the final checkpoint folder."""
+    return Trainer(cfg, show_progress).run()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipadapter train",
+        description="Train an IP-Adapter with the paper's recipe (use `accelerate launch -m ipadapter.train` for several processes).",
+    )
+    helps = field_help()
+    parser.add_argument("--config", help="a JSON file of TrainConfig fields (command-line flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
+                                help=f"{helps.get(f.name, '')} (default: {default})")
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"{helps.get(f.name, '')} (default: {default!r})")
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    return TrainConfig(**{**base, **overrides})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        final = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"final checkpoint: {final} (use it directly, or `ipadapter convert {final}/adapter.safetensors out.bin --to official`)")
+    return 0

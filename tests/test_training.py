@@ -1,0 +1,180 @@
+"""The trainer on a tiny SD model and tiny-world data: what changes, exact resume, safe checkpoints, data formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import make_sd_folder, make_world_folder
+
+from ipadapter import load_adapter
+from ipadapter.training import TrainConfig, train
+from ipadapter.training.checkpointing import list_checkpoints, resolve_resume
+from ipadapter.training.data import iter_webdataset, read_records
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    base, encoder = make_sd_folder(root)
+    data = make_world_folder(root / "data", 16)
+    return {"base": base, "encoder": encoder, "data": data, "root": root}
+
+
+def _cfg(world, output, **kw) -> TrainConfig:
+    defaults = dict(base=world["base"], image_encoder=world["encoder"], data=world["data"], resolution=16,
+                    batch_size=4, max_steps=4, save_every=2, log_every=1, output=str(output))
+    return TrainConfig(**{**defaults, **kw})
+
+
+def _weights(folder: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        out.update({f"{f.relative_to(folder)}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_only_the_adapter_learns(world, tmp_path, variant):
+    frozen_before = {**_weights(world["base"]), **_weights(world["encoder"])}
+    final = train(_cfg(world, tmp_path / "run", variant=variant), show_progress=False)
+    frozen_after = {**_weights(world["base"]), **_weights(world["encoder"])}
+    assert frozen_before.keys() == frozen_after.keys()
+    assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    trained = load_adapter(final / "adapter.safetensors")
+    assert trained.config.variant == variant
+    # to_k_ip started as a copy of the UNet's to_k and moved away from it; the projection moved from its init.
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import IPAdapter
+
+    unet = UNet2DConditionModel.from_pretrained(world["base"], subfolder="unet")
+    fresh = IPAdapter.for_unet(unet, variant, image_embed_dim=trained.config.image_embed_dim)
+    changed = [k for k, v in trained.state_dict().items() if k.startswith("layers.") and not torch.equal(v, fresh.state_dict()[k])]
+    assert len(changed) == len([k for k in fresh.state_dict() if k.startswith("layers.")])
+    state = torch.load(final / "training_state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+def test_resume_is_exact(world, tmp_path):
+    straight = train(_cfg(world, tmp_path / "a", max_steps=4), show_progress=False)
+    train(_cfg(world, tmp_path / "b", max_steps=2), show_progress=False)
+    resumed = train(_cfg(world, tmp_path / "b", max_steps=4, resume="latest"), show_progress=False)
+    a = load_file(str(straight / "adapter.safetensors"))
+    b = load_file(str(resumed / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume latest"):
+        train(_cfg(world, tmp_path / "b", max_steps=6), show_progress=False)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(world, tmp_path):
+    first = train(_cfg(world, tmp_path / "run", max_steps=2), show_progress=False)
+    child = f"""
+import sys, time, torch
+from ipadapter import load_adapter
+from ipadapter.training.checkpointing import save_checkpoint
+adapter = load_adapter({str(first / 'adapter.safetensors')!r})
+slow_save = torch.save
+def stalled(obj, path, *a, **k):
+    slow_save(obj, path, *a, **k)
+    print("saving", flush=True)
+    time.sleep(60)
+torch.save = stalled
+save_checkpoint({str(tmp_path / 'run')!r}, 3, adapter, {{"step": 3}}, "{{}}", keep_last=1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"  # mid-save: the new checkpoint is half written
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(tmp_path / "run") == [first]
+    assert resolve_resume(tmp_path / "run", "latest") == first
+    load_adapter(first / "adapter.safetensors")  # intact and loadable
+    final = train(_cfg(world, tmp_path / "run", max_steps=3, resume="latest"), show_progress=False)
+    assert final.name == "checkpoint-3" and list_checkpoints(tmp_path / "run")[-1] == final
+
+
+def test_every_data_format_gives_the_same_records(world, tmp_path):
+    folder = Path(world["data"])
+    records = read_records(str(folder))
+    items = [{"image_file": r.key, "text": r.text} for r in records]
+    (tmp_path / "data.json").write_text(json.dumps(items))
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(i) for i in items))
+    for path in (tmp_path / "data.json", tmp_path / "data.jsonl"):
+        got = read_records(str(path), image_root=str(folder))
+        assert [(r.key, r.text, r.image_path) for r in got] == [(r.key, r.text, r.image_path) for r in records]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for r in records[:8]:
+            stem = Path(r.key).stem
+            tar.add(r.image_path, arcname=f"{stem}.png")
+            (tmp_path / f"{stem}.txt").write_text(r.text)
+            tar.add(tmp_path / f"{stem}.txt", arcname=f"{stem}.txt")
+    streamed = list(iter_webdataset(str(tmp_path / "shard-{000..000}.tar")))
+    assert [(s.key, s.text) for s in streamed] == [(Path(r.key).stem, r.text) for r in records[:8]]
+    assert streamed[0].image_bytes == Path(records[0].image_path).read_bytes()
+
+
+def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
+    data = Path(make_world_folder(tmp_path / "data", 12, seed=5))
+    (data / "0003.png").write_bytes(b"not an image at all")
+    (data / "0007.png").write_bytes(b"")
+    final = train(_cfg(world, tmp_path / "run", data=str(data), max_steps=3, batch_size=4), show_progress=False)
+    assert torch.load(final / "training_state.pt", weights_only=True)["skipped"] >= 1
+
+
+def test_webdataset_training_streams(world, tmp_path):
+    records = read_records(world["data"])
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for r in records:
+            stem = Path(r.key).stem
+            tar.add(r.image_path, arcname=f"{stem}.png")
+            (tmp_path / f"{stem}.txt").write_text(r.text)
+            tar.add(tmp_path / f"{stem}.txt", arcname=f"{stem}.txt")
+    final = train(_cfg(world, tmp_path / "run", data=str(tmp_path / "shard-000.tar"), max_steps=5), show_progress=False)
+    assert torch.load(final / "training_state.pt", weights_only=True)["epoch"] >= 1  # 5 x 4 > 16: wrapped around
+
+
+def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
+    cache = tmp_path / "cache"
+    final = train(_cfg(world, tmp_path / "a", cache_embeddings=True, cache_dir=str(cache), max_steps=2), show_progress=False)
+    index = json.loads((cache / "index.json").read_text())
+    assert index["count"] == 16 and len(list(cache.glob("shard-*.safetensors"))) == 1
+    built = (cache / "index.json").stat().st_mtime
+    train(_cfg(world, tmp_path / "b", cache_embeddings=True, cache_dir=str(cache), max_steps=2), show_progress=False)
+    assert (cache / "index.json").stat().st_mtime == built  # reused, not rebuilt
+    assert all(torch.isfinite(p).all() for p in load_adapter(final / "adapter.safetensors").parameters())
+    with pytest.raises(ValueError, match="built for other settings"):
+        train(_cfg(world, tmp_path / "c", cache_embeddings=True, cache_dir=str(cache), variant="plus", max_steps=1),
+              show_progress=False)
+
+
+def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
+    first = train(_cfg(world, tmp_path / "a", max_steps=2), show_progress=False)
+    official = tmp_path / "ip-adapter_tiny.bin"
+    load_adapter(first / "adapter.safetensors").save(official, layout="official")
+    final = train(_cfg(world, tmp_path / "b", init_adapter=str(official), max_steps=2), show_progress=False)
+    a, b = load_file(str(first / "adapter.safetensors")), load_file(str(final / "adapter.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_train_one_checkpoint(world, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ipadapter.train",
+           "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
+           "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert [c.name for c in checkpoints] == ["checkpoint-2"]
+    load_adapter(checkpoints[0] / "adapter.safetensors")
