@@ -33,6 +33,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .tinyworld.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, steps=args.steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipadapter", description="IP-Adapter image prompts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="file to write (.safetensors; .bin also allowed for --to official)")
     p.add_argument("--to", choices=["official", "ipadapter"], required=True, help="layout to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="write a labelled PNG grid from the embedded tiny world (offline, CPU, seconds)")
+    p.add_argument("--out", default="ipadapter-demo", help="output folder (default: ipadapter-demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    p.set_defaults(func=cmd_demo)
 
     sub.add_parser("train", help="train an adapter (see `ipadapter train --help`)", add_help=False)
     return parser

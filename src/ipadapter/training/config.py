@@ -18,7 +18,7 @@ class TrainConfig:
     variant: str = "base"  # adapter variant: base, plus, full, faceid, ... (see ipadapter.variants)
     init_adapter: str = ""  # fine-tune this checkpoint (official layout or ours) instead of starting from scratch
     # --- data ---
-    data: str = ""  # JSON list, JSON Lines, a folder of images with .txt captions, or WebDataset shards (*.tar / {a..b})
+    data: str = ""  # JSON list, JSON Lines, a folder of images with .txt captions, WebDataset shards (*.tar, {a..b}) or tinyworld:N[:SEED]
     image_root: str = ""  # folder that relative `image_file` paths in JSON / JSONL are relative to
     resolution: int = 512  # short side resize, then centre crop to resolution x resolution
     max_samples: int = 0  # use only the first N samples (0 = all)

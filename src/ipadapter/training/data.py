@@ -47,8 +47,28 @@ def is_webdataset(data: str) -> bool:
     return data.endswith(".tar") or "{" in data and ".tar" in data or Path(data).is_dir() and any(Path(data).glob("*.tar"))
 
 
+def tinyworld_records(spec: str) -> list[Record]:
+    """'tinyworld:N[:SEED]' -> N rendered tiny-world images (64 px, PNG in memory) with random-subset captions."""
+    from ..tinyworld.world import make_dataset
+
+    parts = spec.split(":")
+    try:
+        n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"expected tinyworld:N[:SEED] (e.g. tinyworld:20000:0), found {spec!r}") from e
+    records = []
+    for i, sample in enumerate(make_dataset(n, seed=seed)):
+        buffer = io.BytesIO()
+        sample.image.save(buffer, format="PNG")
+        records.append(Record(key=f"tinyworld-{seed}-{i}", text=sample.caption, image_bytes=buffer.getvalue()))
+    return records
+
+
 def read_records(data: str, image_root: str = "") -> list[Record]:
-    """Records of a finite source: JSON list, JSON Lines or a folder of images with same-named .txt captions."""
+    """Records of a finite source: JSON list, JSON Lines, a folder of images with same-named .txt captions, or
+    `tinyworld:N[:SEED]` (rendered on the fly)."""
+    if data.startswith("tinyworld:"):
+        return tinyworld_records(data)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"training data not found: {path} (expected a .json/.jsonl file or a folder of images)")

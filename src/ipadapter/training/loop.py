@@ -292,6 +292,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.show_progress, desc="training")
         batches = self.batches()
         seen, started, losses = 0, time.perf_counter(), []
+        first_step, warm = self.step, None  # throughput is measured after two warm-up steps
         while self.step < cfg.max_steps:
             for micro in range(cfg.gradient_accumulation):
                 batch = next(batches)
@@ -316,6 +317,8 @@ class Trainer:
             self.lr_scheduler.step()
             self.step += 1
             bar.update(1)
+            if self.step - first_step == 2:
+                warm = (time.perf_counter(), seen)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 mean_loss = acc.gather(torch.stack(losses).mean()[None]).mean().item()
                 rate = seen / max(time.perf_counter() - started, 1e-9)
@@ -328,6 +331,12 @@ class Trainer:
             if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save()
         bar.close()
+        now = time.perf_counter()
+        self.loop_seconds = now - started
+        if warm is not None and now > warm[0] and seen > warm[1]:
+            self.samples_per_second = (seen - warm[1]) / (now - warm[0])
+        else:
+            self.samples_per_second = seen / max(self.loop_seconds, 1e-9)
         final = self.save()
         if acc.log_with:
             acc.end_training()

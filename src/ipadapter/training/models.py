@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..encoders import ImageEncoder
+from ..sources import resolve_base, resolve_image_encoder
 
-TINYWORLD_DIR = Path(__file__).resolve().parents[1] / "tinyworld" / "assets"  # the shipped tiny world
 
 
 @dataclass
@@ -31,22 +31,6 @@ class FrozenModels:
     def frozen(self) -> list[nn.Module]:
         mods = [self.unet, self.vae, *self.text_encoders]
         return mods + ([self.image_encoder.model] if self.image_encoder is not None else [])
-
-
-def resolve_base(base: str) -> str:
-    """'tinyworld' -> the shipped tiny model folder; anything else unchanged."""
-    if base == "tinyworld":
-        return str(TINYWORLD_DIR / "sd")
-    return base
-
-
-def resolve_image_encoder(base: str, image_encoder: str) -> str:
-    if image_encoder:
-        return image_encoder
-    candidate = Path(resolve_base(base)).parent / "image_encoder"
-    if base == "tinyworld" or candidate.is_dir():
-        return str(candidate)
-    return ""
 
 
 def load_frozen_models(base: str, image_encoder: str, needs_encoder: bool, dtype: torch.dtype = torch.float32) -> FrozenModels:

@@ -1,0 +1,73 @@
+"""Where models come from: the shipped tiny world (the offline default), diffusers folders, single files, hub ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINYWORLD_DIR = Path(__file__).resolve().parent / "tinyworld" / "assets"  # shipped with the package
+TINYWORLD_ADAPTERS = {"base": "adapters/base.safetensors", "plus": "adapters/plus.safetensors"}
+
+
+def resolve_base(base: str) -> str:
+    """'tinyworld' -> the shipped tiny Stable Diffusion folder; anything else unchanged."""
+    if base == "tinyworld":
+        return str(TINYWORLD_DIR / "sd")
+    return base
+
+
+def resolve_image_encoder(base: str, image_encoder: str = "") -> str:
+    """The image encoder to use: the one given, else an image_encoder/ folder inside or beside the base folder."""
+    if image_encoder:
+        return image_encoder
+    root = Path(resolve_base(base))
+    for candidate in (root / "image_encoder", root.parent / "image_encoder"):
+        if (candidate / "config.json").is_file():
+            return str(candidate)
+    return ""
+
+
+def resolve_adapter(adapter: str) -> str:
+    """'tinyworld' / 'tinyworld-base' / 'tinyworld-plus' -> the shipped tiny-world adapters; a path unchanged."""
+    name = {"tinyworld": "base", "tinyworld-base": "base", "tinyworld-plus": "plus"}.get(adapter)
+    if name is None:
+        return adapter
+    path = TINYWORLD_DIR / TINYWORLD_ADAPTERS[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"the tiny world's {name} adapter is missing from the package: expected {path}")
+    return str(path)
+
+
+def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  kind: str = "text2image", controlnet=None, **kwargs):
+    """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.
+
+    Args:
+        base: "tinyworld", a diffusers folder, a single checkpoint file, or a hub id.
+        dtype: weights dtype (float32 on CPU by default).
+        device: where the pipeline runs.
+        kind: "text2image", "image2image" or "inpaint".
+        controlnet: an optional ControlNetModel (or a list of them).
+        **kwargs: passed to `from_pretrained` / `from_single_file`.
+    """
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+    path = resolve_base(base)
+    classes = {"text2image": AutoPipelineForText2Image, "image2image": AutoPipelineForImage2Image,
+               "inpaint": AutoPipelineForInpainting}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {sorted(classes)}, found {kind!r}")
+    extra = {"controlnet": controlnet} if controlnet is not None else {}
+    p = Path(path)
+    if p.is_file():
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        single = StableDiffusionXLPipeline if "xl" in p.name.lower() else StableDiffusionPipeline
+        pipe = single.from_single_file(str(p), torch_dtype=dtype, **kwargs)
+        pipe = classes[kind].from_pipe(pipe, **extra)
+    else:
+        if p.exists() and not (p / "model_index.json").is_file():
+            raise FileNotFoundError(f"{p} is not a diffusers pipeline folder: model_index.json missing")
+        pipe = classes[kind].from_pretrained(path, torch_dtype=dtype, **extra, **kwargs)
+    return pipe.to(device)

@@ -1,0 +1,57 @@
+"""The image encoder wrapper: official preprocessing, the outputs each variant reads, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_clip_vision
+
+from ipadapter import ImageEncoder, check_encoder
+from ipadapter.config import AdapterConfig, ResamplerConfig
+from ipadapter.images import load_image
+
+
+def test_preprocessing_is_the_official_clip_image_processor(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    encoder = ImageEncoder(tiny_clip_vision(image_size=224))
+    image = Image.effect_mandelbrot((320, 200), (-2, -1.2, 1, 1.2), 50).convert("RGB")  # non-square
+    official = CLIPImageProcessor()(images=image, return_tensors="pt").pixel_values  # what the official code uses
+    assert torch.equal(encoder.preprocess(image), official)
+    assert official.shape == (1, 3, 224, 224)
+
+
+def test_features_and_unconditional_inputs(tmp_path):
+    model = tiny_clip_vision(hidden=48, projection=40, image_size=28)
+    model.save_pretrained(tmp_path / "image_encoder")
+    encoder = ImageEncoder.from_pretrained(tmp_path / "image_encoder")
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
+    pooled = encoder.encode(images, "pooled")
+    hidden = encoder.encode(images, "penultimate")
+    assert pooled.shape == (2, 40) and hidden.shape == (2, 5, 48)  # 2x2 patches + CLS
+    out = model(pixel_values=encoder.preprocess(images), output_hidden_states=True)
+    assert torch.allclose(hidden, out.hidden_states[-2]) and torch.allclose(pooled, out.image_embeds)
+    assert torch.equal(encoder.unconditional("pooled", 2), torch.zeros(2, 40))  # zeros in embedding space
+    zero_pixels = model(pixel_values=torch.zeros(1, 3, 28, 28), output_hidden_states=True).hidden_states[-2]
+    assert torch.allclose(encoder.unconditional("penultimate"), zero_pixels)  # the encoder on zero pixels
+
+
+def test_missing_encoder_folder_and_bad_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image encoder config.json"):
+        ImageEncoder.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="cannot read .*broken.png as an image"):
+        load_image(tmp_path / "broken.png")
+
+
+def test_encoder_width_is_checked_against_the_adapter():
+    encoder = ImageEncoder(tiny_clip_vision(hidden=48, projection=40, image_size=28))
+    plus = AdapterConfig("resampler", 16, 32, (32,), image_feature="penultimate", image_embed_dim=64,
+                         resampler=ResamplerConfig(dim=32, heads=1))
+    with pytest.raises(ValueError, match=r"expects 64-d penultimate features.*the encoder gives 48-d"):
+        check_encoder(plus, encoder)
+    base = AdapterConfig("linear", 4, 32, (32,), image_feature="pooled", image_embed_dim=40)
+    check_encoder(base, encoder)  # matches: no error
