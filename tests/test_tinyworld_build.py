@@ -1,0 +1,175 @@
+"""The tiny-world build at smoke scale: every stage's outputs, skipping, exact resume after a kill, and the
+assembled folder loading in diffusers / transformers and generating."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ipadapter.tinyworld import stack
+from ipadapter.tinyworld.build import (
+    PIPELINE_FOLDER,
+    STAGES,
+    STOPPED_EARLY,
+    CaptionSampler,
+    CaptionTokens,
+    apply_overrides,
+    consistent,
+    main,
+    scene_indices,
+    SCALES,
+)
+from ipadapter.tinyworld.world import ATTRIBUTES, Scene, caption, sample_scene, vocabulary
+
+SMOKE = ["--scale", "smoke", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tinyworld")
+    assert main(["--out", str(out), *SMOKE]) == 0
+    return out
+
+
+def done(out: Path, stage: str) -> dict:
+    return json.loads((out / stage / "done.json").read_text())
+
+
+def test_every_stage_writes_its_outputs_and_check(built):
+    for stage in STAGES:
+        record = done(built, stage)
+        assert record["stage"] == stage and record["scale"] == "smoke" and "check" in record
+        assert not (built / stage / "checkpoint.pt").exists()  # removed once done
+    tokenizer = done(built, "tokenizer")["check"]
+    assert tokenizer["longest_caption_tokens"] <= tokenizer["model_max_length"] == 16
+
+    clip = done(built, "clip")
+    assert clip["steps"] == 4 and clip["check"]["reload_max_abs_diff"] == 0.0
+    for key in ("t2i_r_precision", "zero_shot_accuracy", "probe_accuracy_hidden_states_-2"):
+        assert set(clip["check"][key]) == set(ATTRIBUTES) and all(0 <= v <= 1 for v in clip["check"][key].values())
+    assert (built / "clip" / "image_encoder" / "preprocessor_config.json").is_file()
+
+    vae = done(built, "vae")
+    saved = json.loads((built / "vae" / "vae" / "config.json").read_text())
+    assert saved["scaling_factor"] == pytest.approx(vae["check"]["scaling_factor"]) and saved["scaling_factor"] > 0
+    assert vae["check"]["psnr"] > 0 and (built / "vae" / "reconstructions.png").is_file()
+
+    unet = done(built, "unet")
+    assert unet["steps"] == 4 and (built / "unet" / "samples.png").is_file()
+    assert len((built / "unet" / "samples.txt").read_text().splitlines()) == unet["check"]["samples"] == 4
+
+    assemble = done(built, "assemble")["check"]
+    assert assemble["total_weight_bytes"] < 25e6
+    assert assemble["torch_dtype_float32"]["image_size"] == [64, 64]
+    assert assemble["no_torch_dtype"] == {"dtypes": {k: "torch.float32" for k in ("unet", "vae", "text_encoder")},
+                                          "image_size": [64, 64]}  # fmt: skip
+    assert assemble["text_encoder_max_abs_diff_vs_float32"] < 1e-2  # float16 rounding, not random weights
+
+
+def test_rerun_skips_finished_stages(built, caplog):
+    stamps = {stage: (built / stage / "done.json").stat().st_mtime_ns for stage in STAGES}
+    with caplog.at_level(logging.INFO, logger="ipadapter.tinyworld.build"):
+        assert main(["--out", str(built), *SMOKE]) == 0
+    assert {stage: (built / stage / "done.json").stat().st_mtime_ns for stage in STAGES} == stamps
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == len(STAGES)
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint_exactly(built, tmp_path):
+    for part in ("data", "tokenizer", "clip", "vae"):
+        shutil.copytree(built / part, tmp_path / part)
+    argv = ["--out", str(tmp_path), *SMOKE, "--stages", "unet"]
+
+    assert main([*argv, "--stop-after", "2"]) == STOPPED_EARLY
+    assert not (tmp_path / "unet" / "done.json").exists()
+    assert torch.load(tmp_path / "unet" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+    assert main(argv) == 0
+    assert done(tmp_path, "unet")["resumed_from"] == 2
+    weights = "unet/unet/diffusion_pytorch_model.safetensors"
+    resumed, uninterrupted = load_file(tmp_path / weights), load_file(built / weights)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_a_finished_stage_refuses_another_config(built):
+    with pytest.raises(ValueError, match="different config"):
+        main(["--out", str(built), *SMOKE, "--stages", "unet", "--set", "unet.steps=5"])
+
+
+def test_missing_prerequisite_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"missing \['tokenizer', 'clip', 'vae'\]"):
+        main(["--out", str(tmp_path), *SMOKE, "--stages", "unet"])
+
+
+def test_assembled_folder_loads_and_generates(built):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    folder = built / "assemble" / PIPELINE_FOLDER
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a red circle", "a large blue star on the left"], num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (2, 64, 64, 3) and float(images.std()) > 0
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    assert all(len(tokenizer(word).input_ids) == 3 for word in vocabulary())  # BOS, the word, EOS
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder")
+    processor = CLIPImageProcessor.from_pretrained(folder / "image_encoder")
+    pixels = processor(images=[images[0]], return_tensors="pt").pixel_values
+    out = encoder(pixel_values=pixels, output_hidden_states=True)
+    assert pixels.shape == (1, 3, 64, 64)
+    assert out.image_embeds.shape == (1, 64) and out.hidden_states[-2].shape == (1, 65, 128)
+
+
+def test_every_world_word_is_one_bpe_token():
+    merges = stack.learn_merges(vocabulary())
+    tokenizer = stack.build_tokenizer(stack.TokenizerConfig())
+    assert len(merges) == len(set(merges))
+    assert [tokenizer.tokenize(w) for w in ("red", "triangle")] == [["red</w>"], ["triangle</w>"]]
+    assert tokenizer.tokenize("reddish") != ["reddish</w>"]  # unknown words fall back to smaller pieces
+
+
+def test_partial_captions_match_every_image_with_the_stated_attributes():
+    red_circle = scene_indices(Scene("circle", "red", "solid", "white", "small", "left"))
+    red_square = scene_indices(Scene("square", "red", "solid", "white", "small", "left"))
+    scenes = torch.tensor([red_circle, red_square])
+    masks = torch.zeros(2, len(ATTRIBUTES), dtype=torch.bool)
+    masks[0, 1] = True  # caption 0: "a red shape"
+    masks[1, 0] = True  # caption 1: "a square"
+    assert consistent(scenes, masks).tolist() == [[True, True], [False, True]]
+
+    tokenizer = stack.build_tokenizer(stack.TokenizerConfig())
+    ids = CaptionTokens(tokenizer).ids(scenes, masks)
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == ["a red shape", "a square"]
+    sampler = CaptionSampler(full_prob=0.0, attribute_prob=0.5, dropout=0.0, allow_empty=False)
+    assert sampler.masks(500, torch.Generator().manual_seed(0)).any(1).all()  # never empty when not allowed
+
+
+def test_caption_token_tables_equal_tokenized_world_captions():
+    tokenizer = stack.build_tokenizer(stack.TokenizerConfig())
+    tokens = CaptionTokens(tokenizer, check=0)
+    rng = random.Random(1)
+    scenes = [sample_scene(rng) for _ in range(64)]
+    masks = torch.tensor([[subset >> a & 1 for a in range(len(ATTRIBUTES))] for subset in range(64)], dtype=torch.bool)
+    texts = [caption(s, [a for a, m in zip(ATTRIBUTES, row) if m]) for s, row in zip(scenes, masks)]
+    expected = tokenizer(texts, padding="max_length", max_length=16).input_ids
+    assert tokens.ids(torch.tensor([scene_indices(s) for s in scenes]), masks).tolist() == expected
+
+
+def test_overrides_are_typed_and_checked():
+    config = apply_overrides(SCALES["smoke"]("cpu"), ["unet.batch_size=4", "stack.unet.block_out_channels=[64,128,128]"])
+    assert config.unet.batch_size == 4 and config.stack.unet.block_out_channels == (64, 128, 128)
+    with pytest.raises(ValueError, match="unknown config field 'batchsize'"):
+        apply_overrides(SCALES["smoke"]("cpu"), ["unet.batchsize=4"])
