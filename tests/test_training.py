@@ -178,3 +178,43 @@ def test_two_processes_train_one_checkpoint(world, tmp_path):
     checkpoints = list_checkpoints(tmp_path / "run")
     assert [c.name for c in checkpoints] == ["checkpoint-2"]
     load_adapter(checkpoints[0] / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("variant", ["full", "faceid"])
+def test_full_and_faceid_variants_train(world, tmp_path, variant):
+    data = world["data"]
+    if variant == "faceid":  # precomputed face embeddings, one file per image, as the official FaceID trainer
+        from safetensors.torch import save_file
+
+        items = []
+        for r in read_records(world["data"]):
+            face = tmp_path / (Path(r.key).stem + ".safetensors")
+            save_file({"embedding": torch.randn(512)}, str(face))
+            items.append({"image_file": r.image_path, "text": r.text, "id_embed_file": str(face)})
+        (tmp_path / "faces.json").write_text(json.dumps(items))
+        data = str(tmp_path / "faces.json")
+    final = train(_cfg(world, tmp_path / "run", variant=variant, data=data, max_steps=2), show_progress=False)
+    adapter = load_adapter(final / "adapter.safetensors")
+    assert adapter.config.projection == ("mlp" if variant == "full" else "faceid")
+    assert (adapter.lora is not None) == (variant == "faceid")  # FaceID trains its rank-128 LoRA too
+
+
+def test_sdxl_trains_with_two_text_encoders_and_micro_conditioning(world, tmp_path):
+    from tiny_models import make_sdxl_folder
+
+    base = make_sdxl_folder(tmp_path)
+    final = train(_cfg(world, tmp_path / "run", base=base, max_steps=2, gradient_accumulation=2, batch_size=2),
+                  show_progress=False)
+    adapter = load_adapter(final / "adapter.safetensors")
+    assert adapter.config.cross_attention_dim == 32 and adapter.config.num_layers == 22
+
+
+def test_validation_saves_images_and_a_score(world, tmp_path):
+    train(_cfg(world, tmp_path / "run", max_steps=2, validate_every=2, validation_images=3, validation_steps=2),
+          show_progress=False)
+    grid = tmp_path / "run" / "validation" / "step-0000002.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (3 * 16, 2 * 16)  # references over generations
+    step, score = (tmp_path / "run" / "validation" / "scores.tsv").read_text().split()
+    assert step == "2" and -1.0 <= float(score) <= 1.0

@@ -131,3 +131,33 @@ def make_world_folder(path, n: int, seed: int = 0, size: int = 16) -> str:
         sample.image.save(path / f"{i:04d}.png")
         (path / f"{i:04d}.txt").write_text(sample.caption)
     return str(path)
+
+
+def make_sdxl_folder(path, seed: int = 0) -> str:
+    """A complete tiny SDXL-shaped diffusers folder: two text encoders (16 + 16 = 32-d context), size/crop ids."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ipadapter.tinyworld.stack import TokenizerConfig, build_tokenizer
+
+    tokenizer = build_tokenizer(TokenizerConfig())
+    torch.manual_seed(seed)
+
+    def text_config(**kw):
+        return CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **kw)
+
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_config()), text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=32)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=tiny_unet("sdxl", seed=seed), scheduler=DDPMScheduler(),
+    )
+    pipe.save_pretrained(Path(path) / "sdxl")
+    return str(Path(path) / "sdxl")

@@ -55,10 +55,11 @@ class ImagePrompter:
     @torch.no_grad()
     def features(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Encoder features for the adapter: pooled (N, D) or penultimate (N, T, D)."""
-        assert self.encoder is not None
         feature = self.adapter.config.image_feature
         if all(isinstance(i, torch.Tensor) for i in images):
-            return torch.stack(list(images)).to(self.encoder.device)  # precomputed features
+            return torch.stack(list(images))  # precomputed features
+        if self.encoder is None:
+            raise ValueError("reference images need an ImageEncoder; pass one, or pass precomputed features")
         return self.encoder.encode(list(images), feature)
 
     @torch.no_grad()
@@ -74,9 +75,10 @@ class ImagePrompter:
         n = cond_feats.shape[0] if cond_feats is not None else face_id.shape[0]  # type: ignore[union-attr]
         if negative_images is not None:
             uncond_feats = self.features(negative_images)
-        elif cond_feats is not None:
-            assert self.encoder is not None
+        elif cond_feats is not None and self.encoder is not None:
             uncond_feats = self.encoder.unconditional(feature, n)
+        elif cond_feats is not None:  # precomputed features without an encoder: zeros, as pooled training drops
+            uncond_feats = torch.zeros_like(cond_feats)
         else:
             uncond_feats = None
         cond = self.adapter.project(image=cond_feats, face_id=face_id)

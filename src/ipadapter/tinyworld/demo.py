@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "ipadapter-demo", seed: int = 0, steps: int = 20,
     pipe = load_pipeline("tinyworld")
     pipe.set_progress_bar_config(disable=True)
     encoder = ImageEncoder.from_pretrained(resolve_image_encoder("tinyworld"))
-    ip = IPAdapter.from_file(resolve_adapter(adapter), image_encoder=encoder)
+    ip = IPAdapter.from_file(resolve_adapter(adapter), dtype=torch.float32, image_encoder=encoder)
     prompter = ImagePrompter(pipe, ip, encoder)
     references = [render(scene) for scene, _, _ in DEMO]
     edits = [_text_for(scene, attribute, value) for scene, attribute, value in DEMO]

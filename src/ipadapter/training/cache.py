@@ -90,7 +90,8 @@ class EmbeddingCache(Dataset):
 
 def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feature: str, tokenize, expected: dict,
                 batch_size: int = 32, num_workers: int = 0, show_progress: bool = True) -> EmbeddingCache:
-    """Encodes every sample of `dataset` once (in order) and writes the shards; resumes a half-built cache."""
+    """Encodes every sample of `dataset` once (in order) and writes the shards; an existing complete cache is reused
+    (after its fingerprint is checked), an incomplete one (no index.json) is rebuilt."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
