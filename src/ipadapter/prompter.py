@@ -10,6 +10,7 @@ prompt, classifier-free guidance aware), calls the pipeline unchanged, and clear
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -92,7 +93,7 @@ class ImagePrompter:
         scale: float | Sequence[float] = 1.0,
         negative_image: ImageInput | Sequence[ImageInput] | None = None,
         face_id: torch.Tensor | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         **pipe_kwargs,
     ):
@@ -104,13 +105,15 @@ class ImagePrompter:
             scale: λ for every layer, or one per adapted layer.
             negative_image: image(s) used as the unconditional image prompt instead of the empty one.
             face_id: (N, 512) ArcFace embeddings for FaceID adapters.
-            guidance_scale: classifier-free guidance scale, passed to the pipeline.
+            guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
             num_images_per_prompt: images per prompt, passed to the pipeline.
             **pipe_kwargs: anything else the pipeline takes (negative_prompt, num_inference_steps, generator, ...).
 
         Returns:
             the pipeline's output.
         """
+        if guidance_scale is None:
+            guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cond, uncond = self.tokens(_as_list(image), _as_list(negative_image), face_id)
         if cond.shape[0] == 1 and len(prompts) > 1:

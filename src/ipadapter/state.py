@@ -50,8 +50,8 @@ class PromptState:
         """The (batch_size, T, C) tokens matching a UNet batch of `batch_size` rows (see module docstring)."""
         if self.cond is None:
             raise ValueError(
-                "no image prompt is set on this adapter: call `adapter.set_image_prompt(...)` (or `set_tokens`) "
-                "before running the UNet"
+                "no image prompt is set on this attached adapter: run the pipeline through ImagePrompter, or call "
+                "`adapter.set_tokens(...)` first; to run the plain model, `detach()` the adapter"
             )
         n = self.cond.shape[0]
         if self.uncond is None:

@@ -9,6 +9,10 @@ Stages, each writing DIR/<stage>/ and finally DIR/<stage>/done.json (config, ste
     tokenizer  word-level CLIPTokenizer                     check: every word one token, captions round-trip
     clip       CLIP text + vision towers, contrastive        check: text-to-image retrieval per attribute on
                                                                     held-out images; linear probe of hidden_states[-2]
+               (its text tower is the pipeline's text encoder, SD1.5's CLIP ViT-L stand-in)
+    vision     a second, independent contrastive CLIP run    check: as clip
+               (its vision tower is the shipped image encoder, IP-Adapter's OpenCLIP ViT-H/14 stand-in: in the real
+               world, too, SD's text encoder and IP-Adapter's image encoder are different CLIP models)
     vae        AutoencoderKL + its latent scaling_factor     check: reconstruction PSNR on held-out images
     unet       UNet2DConditionModel (EMA weights shipped)    check: a sample grid, and prompt following read by
                                                                     the attribute reader when its weights exist
@@ -55,13 +59,14 @@ from ipadapter.tinyworld.world import ATTRIBUTES, Scene, caption, make_dataset, 
 
 logger = logging.getLogger("ipadapter.tinyworld.build")
 
-STAGES = ("tokenizer", "clip", "vae", "unet", "assemble", "adapters")
+STAGES = ("tokenizer", "clip", "vision", "vae", "unet", "assemble", "adapters")
 REQUIRES: dict[str, tuple[str, ...]] = {  # stage -> stages whose outputs it reads
     "tokenizer": (),
     "clip": ("tokenizer",),
+    "vision": ("tokenizer",),
     "vae": (),
     "unet": ("tokenizer", "clip", "vae"),
-    "assemble": ("tokenizer", "clip", "vae", "unet"),
+    "assemble": ("tokenizer", "clip", "vision", "vae", "unet"),
     "adapters": ("assemble",),
 }
 PIPELINE_FOLDER = "tinyworld-sd"  # DIR/assemble/<this>/ is the shipped StableDiffusionPipeline folder
@@ -70,13 +75,13 @@ STOPPED_EARLY = 3  # exit status when --stop-after interrupted a stage (rerun to
 # Seconds per optimiser step, used only to print an estimate before a build starts.
 # CPU: measured on one core of a shared 2-core machine (torch 2.13, 1 thread) at the full-scale CPU batch sizes
 #   (clip 128, vae 16, unet 32); scaled linearly with batch size.
-CPU_SECONDS_PER_STEP = {"clip": 0.64, "vae": 0.61, "unet": 0.69, "adapters": 1.2}  # adapters: both variants
+CPU_SECONDS_PER_STEP = {"clip": 0.64, "vision": 0.64, "vae": 0.61, "unet": 0.69, "adapters": 1.2}  # adapters: both variants
 # CUDA (H200, bf16 autocast): steps are bound by eager dispatch (one UNet step is about 26k aten calls), not by
 #   arithmetic, so up to the full-scale batch sizes the time hardly depends on the batch. Measured with an earlier
 #   version that built captions in Python and synchronised with the host every step: clip 0.062 s (batch 512), vae
 #   0.037 s (batch 64), unet 0.19 s (batch 256, first 20 steps); the figures below remove those overheads and are
 #   estimates until a full CUDA build has been timed.
-CUDA_SECONDS_PER_STEP = {"clip": 0.04, "vae": 0.037, "unet": 0.13}
+CUDA_SECONDS_PER_STEP = {"clip": 0.04, "vision": 0.04, "vae": 0.037, "unet": 0.13}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,7 +183,8 @@ class BuildConfig:
     seed: int = 0  # base seed; each stage adds its index
     data: DataConfig = field(default_factory=DataConfig)  # rendered images
     stack: StackConfig = field(default_factory=StackConfig)  # architectures
-    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)  # clip stage
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)  # clip stage (text encoder)
+    vision: ClipTrainConfig = field(default_factory=ClipTrainConfig)  # vision stage (image encoder)
     vae: VaeTrainConfig = field(default_factory=VaeTrainConfig)  # vae stage
     unet: UNetTrainConfig = field(default_factory=UNetTrainConfig)  # unet stage
     assemble: AssembleConfig = field(default_factory=AssembleConfig)  # assemble stage
@@ -197,7 +203,7 @@ class BuildConfig:
         """The part of the config a stage's outputs depend on (render workers excluded)."""
         data = {k: v for k, v in dataclasses.asdict(self.data).items() if k != "workers"}
         part = {"seed": self.seed, "stack": self.stack.to_dict()}
-        if stage in ("clip", "vae", "unet"):
+        if stage in ("clip", "vision", "vae", "unet"):
             part["data"] = data
             part[stage] = dataclasses.asdict(getattr(self, stage))
         if stage == "assemble":
@@ -214,6 +220,7 @@ def _smoke(device: str) -> BuildConfig:
         scale="smoke",
         data=DataConfig(num_train=48, num_eval=24, chunk=16),
         clip=ClipTrainConfig(steps=4, batch_size=16, lr=1e-3, probe_fit=12, **tiny),
+        vision=ClipTrainConfig(steps=4, batch_size=16, lr=1e-3, probe_fit=12, **tiny),
         vae=VaeTrainConfig(steps=3, batch_size=8, lr=1e-3, scale_images=48, **tiny),
         unet=UNetTrainConfig(steps=4, batch_size=8, check_samples=4, check_steps=3, **tiny),
         assemble=AssembleConfig(check_steps=2),
@@ -231,6 +238,8 @@ def _full(device: str) -> BuildConfig:
             data=DataConfig(num_train=50_000, workers=min(16, os.cpu_count() or 1)),
             clip=ClipTrainConfig(steps=1_200, batch_size=1024, lr=1e-3, warmup=100, weight_decay=0.05,
                                  checkpoint_every=400, log_every=200),  # fmt: skip
+            vision=ClipTrainConfig(steps=1_200, batch_size=1024, lr=1e-3, warmup=100, weight_decay=0.05,
+                                   checkpoint_every=400, log_every=200),  # fmt: skip
             vae=VaeTrainConfig(steps=2_500, batch_size=128, lr=1e-3, warmup=100, checkpoint_every=500,
                                log_every=250),  # fmt: skip
             unet=UNetTrainConfig(steps=2_000, batch_size=1024, lr=1e-3, warmup=200, ema_decay=0.998,
@@ -243,6 +252,8 @@ def _full(device: str) -> BuildConfig:
         data=DataConfig(num_train=20_000),
         clip=ClipTrainConfig(steps=3_000, batch_size=128, lr=1e-3, warmup=200, weight_decay=0.05,
                              checkpoint_every=250, log_every=100),  # fmt: skip
+        vision=ClipTrainConfig(steps=3_000, batch_size=128, lr=1e-3, warmup=200, weight_decay=0.05,
+                               checkpoint_every=250, log_every=100),  # fmt: skip
         vae=VaeTrainConfig(steps=5_000, batch_size=16, lr=1e-3, warmup=100, checkpoint_every=250, log_every=100),
         unet=UNetTrainConfig(steps=8_000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999,
                              checkpoint_every=250, log_every=100),  # fmt: skip
@@ -647,23 +658,26 @@ def clip_embed_images(clip, pixels: torch.Tensor) -> torch.Tensor:
     return F.normalize(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output).float(), dim=-1)
 
 
-def stage_clip(ctx: Context) -> dict[str, Any]:
-    """Trains CLIP contrastively, saves the towers as text_encoder/ and image_encoder/ and checks them."""
+def stage_clip(ctx: Context, stage: str = "clip") -> dict[str, Any]:
+    """Trains CLIP contrastively, saves the towers as text_encoder/ and image_encoder/ and checks them.
+
+    `stage` "clip" gives the pipeline's text encoder, "vision" (other seeds, own config) the image encoder."""
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
-    cfg, stack = ctx.config.clip, ctx.config.stack
-    folder = ctx.stage_dir("clip")
+    cfg, stack = getattr(ctx.config, stage), ctx.config.stack
+    folder = ctx.stage_dir(stage)
+    offset = 0 if stage == "clip" else 1_000  # the vision run is an independent model
     tokenizer = load_tokenizer(ctx)
     images, scenes = ctx.data("train")
     images, scenes = images.to(ctx.device), scenes.to(ctx.device)
-    torch.manual_seed(ctx.config.seed + 1)
+    torch.manual_seed(ctx.config.seed + 1 + offset)
     clip = stack_lib.build_clip(stack.clip, len(tokenizer), tokenizer.model_max_length)
     with torch.no_grad():
         clip.logit_scale.fill_(cfg.init_logit_scale)
     clip.to(ctx.device)
     tokens = CaptionTokens(tokenizer, ctx.device)
     sampler = CaptionSampler(cfg.full_caption_prob, cfg.attribute_prob, dropout=0.0, allow_empty=False)
-    batches = torch.Generator(ctx.device).manual_seed(ctx.config.seed + 101)
+    batches = torch.Generator(ctx.device).manual_seed(ctx.config.seed + 101 + offset)
 
     def loss_fn(step: int) -> torch.Tensor:  # everything on ctx.device: no host sync
         index = torch.randint(0, len(images), (cfg.batch_size,), generator=batches, device=ctx.device)
@@ -679,7 +693,7 @@ def stage_clip(ctx: Context) -> dict[str, Any]:
         i2t = -(match.T / match.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
         return (t2i + i2t) / 2
 
-    result = train_loop(ctx, "clip", cfg, clip, loss_fn, {"batches": batches})
+    result = train_loop(ctx, stage, cfg, clip, loss_fn, {"batches": batches})
     clip = clip.float().cpu().eval()
     text, vision = stack_lib.split_clip(clip)
     clip.save_pretrained(str(folder / "clip_model"))
@@ -690,13 +704,13 @@ def stage_clip(ctx: Context) -> dict[str, Any]:
                                          CLIPVisionModelWithProjection.from_pretrained(str(folder / "image_encoder")))  # fmt: skip
     if reload_error > 1e-5:
         raise ValueError(f"the saved towers differ from the trained CLIP by {reload_error:.2e}; expected <= 1e-5")
-    check = {"reload_max_abs_diff": reload_error, **clip_check(ctx, clip, vision, tokenizer)}
-    logger.info("clip check: %s", json.dumps(check))
+    check = {"reload_max_abs_diff": reload_error, **clip_check(ctx, clip, vision, tokenizer, cfg.probe_fit)}
+    logger.info("%s check: %s", stage, json.dumps(check))
     return {**result, "check": check}
 
 
 @torch.no_grad()
-def clip_check(ctx: Context, clip, vision, tokenizer, batch: int = 250) -> dict[str, Any]:
+def clip_check(ctx: Context, clip, vision, tokenizer, probe_fit: int, batch: int = 250) -> dict[str, Any]:
     """Held-out checks of the trained CLIP.
 
     - t2i_r_precision[attr]: for the caption stating only one value ("a red shape"), the fraction of the top-k
@@ -732,7 +746,7 @@ def clip_check(ctx: Context, clip, vision, tokenizer, batch: int = 250) -> dict[
     ids = tokenizer(full, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     text = torch.cat([clip_embed_text(clip, ids[i : i + batch]) for i in range(0, len(ids), batch)])
     top1 = float(((text @ image_embeds.T).argmax(1) == torch.arange(len(ids))).float().mean())
-    fit = min(ctx.config.clip.probe_fit, len(images) - 1)
+    fit = min(probe_fit, len(images) - 1)
     probe = ridge_probe(hidden[:fit], scenes[:fit], hidden[fit:], scenes[fit:])
     return {"t2i_r_precision": r_precision, "zero_shot_accuracy": zero_shot, "full_caption_t2i_top1": top1,
             "full_caption_pool": len(ids), "probe_accuracy_hidden_states_-2": probe,
@@ -1021,7 +1035,7 @@ def stage_assemble(ctx: Context) -> dict[str, Any]:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(target), safe_serialization=True)
-    vision = CLIPVisionModelWithProjection.from_pretrained(str(clip_dir / "image_encoder")).to(dtype)
+    vision = CLIPVisionModelWithProjection.from_pretrained(str(ctx.stage_dir("vision") / "image_encoder")).to(dtype)
     vision.save_pretrained(str(target / "image_encoder"))
     stack_lib.image_processor(ctx.config.stack.clip).save_pretrained(str(target / "image_encoder"))
     stack_lib.save_tokenizer(pipe.tokenizer, target / "tokenizer")  # also vocab.json / merges.txt
@@ -1099,7 +1113,7 @@ def pipeline_check(ctx: Context, folder: Path) -> dict[str, Any]:
         raise ValueError(f"the assembled pipeline must generate 64x64 images on a CPU; found {result}")
     processor = CLIPImageProcessor.from_pretrained(str(folder / "image_encoder"))
     vision = CLIPVisionModelWithProjection.from_pretrained(str(folder / "image_encoder"))
-    reference = CLIPVisionModelWithProjection.from_pretrained(str(ctx.stage_dir("clip") / "image_encoder"))
+    reference = CLIPVisionModelWithProjection.from_pretrained(str(ctx.stage_dir("vision") / "image_encoder"))
     sample = make_dataset(4, ctx.config.data.eval_seed + 1)
     pixels = processor(images=[s.image for s in sample], return_tensors="pt").pixel_values  # (4, 3, 64, 64)
     out = vision(pixel_values=pixels, output_hidden_states=True)
@@ -1201,6 +1215,7 @@ def adapter_check(ctx: Context, base: Path, adapter_path: Path) -> dict[str, Any
 STAGE_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "tokenizer": stage_tokenizer,
     "clip": stage_clip,
+    "vision": lambda ctx: stage_clip(ctx, "vision"),
     "vae": stage_vae,
     "unet": stage_unet,
     "assemble": stage_assemble,

@@ -1,0 +1,77 @@
+"""Image prompts on a whole diffusers pipeline: same pixels as diffusers' built-in IP-Adapter, per-sample references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import make_sd_folder
+
+from ipadapter import IPAdapter, ImageEncoder
+from ipadapter.prompter import ImagePrompter
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    base, encoder = make_sd_folder(root)
+    return base, encoder, root
+
+
+def _pipes(base, encoder_folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    ours = StableDiffusionPipeline.from_pretrained(base)
+    theirs = StableDiffusionPipeline.from_pretrained(
+        base, image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder_folder),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+    )
+    for p in (ours, theirs):
+        p.scheduler = DDIMScheduler.from_config(p.scheduler.config)  # deterministic sampling (DDPM adds noise)
+        p.set_progress_bar_config(disable=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_same_pixels_as_diffusers_builtin_ip_adapter(folders, tmp_path, variant):
+    base, encoder_folder, _ = folders
+    ours, theirs = _pipes(base, encoder_folder)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(ours.unet, variant, image_embed_dim=encoder.feature_dim(
+        "pooled" if variant == "base" else "penultimate"))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter.save(tmp_path / "ip.bin", layout="official")
+    theirs.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.bin", image_encoder_folder=None)
+    reference = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    prompter = ImagePrompter(ours, IPAdapter.from_file(tmp_path / "ip.bin"), encoder)
+    for scale, prompt in ((1.0, ""), (0.5, "a red shape")):
+        theirs.set_ip_adapter_scale(scale)
+        kwargs = {"prompt": prompt, "num_inference_steps": 3, "output_type": "np", "num_images_per_prompt": 2}
+        expected = theirs(ip_adapter_image=reference, generator=torch.Generator("cpu").manual_seed(1), **kwargs).images
+        found = prompter(image=reference, scale=scale, generator=torch.Generator("cpu").manual_seed(1), **kwargs).images
+        assert abs(expected - found).max() <= 1e-5
+    prompter.detach()
+    plain = ours(prompt="", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(1)).images
+    assert abs(plain - found[:1]).max() > 1e-3  # the adapter really acted
+
+
+def test_each_prompt_keeps_its_own_reference(folders):
+    """diffusers issue #9813 mixes per-sample references across a batch; one batch must equal separate calls."""
+    base, encoder_folder, _ = folders
+    ours, _ = _pipes(base, encoder_folder)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    prompter = ImagePrompter(ours, adapter, encoder)
+    refs = [Image.new("RGB", (28, 28), c) for c in ("red", "blue")]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    common = {"num_inference_steps": 3, "output_type": "np"}
+    batch = prompter(image=refs, prompt=["a shape", "a shape"], latents=latents.repeat(2, 1, 1, 1), **common).images
+    for i, ref in enumerate(refs):
+        single = prompter(image=ref, prompt="a shape", latents=latents, **common).images
+        assert abs(single[0] - batch[i]).max() <= 1e-5
+    assert abs(batch[0] - batch[1]).max() > 1e-3
