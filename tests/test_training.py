@@ -218,3 +218,22 @@ def test_validation_saves_images_and_a_score(world, tmp_path):
     assert Image.open(grid).size == (3 * 16, 2 * 16)  # references over generations
     step, score = (tmp_path / "run" / "validation" / "scores.tsv").read_text().split()
     assert step == "2" and -1.0 <= float(score) <= 1.0
+
+
+def test_recipe_options_run_and_are_recorded(world, tmp_path):
+    """bf16 autocast, gradient checkpointing, noise offset, warm-up and clipping: a run with all of them trains."""
+    cfg = _cfg(world, tmp_path / "run", max_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+               noise_offset=0.1, warmup_steps=5, max_grad_norm=1.0)
+    final = train(cfg, show_progress=False)
+    saved = TrainConfig.from_json((final / "train_config.json").read_text())
+    assert saved == cfg
+    assert all(torch.isfinite(p).all() for p in load_adapter(final / "adapter.safetensors").parameters())
+
+
+def test_bad_settings_are_clear_errors(world, tmp_path):
+    with pytest.raises(ValueError, match=r"drop probabilities must sum to a value in \[0, 1\], found 1.5"):
+        TrainConfig(drop_image=0.5, drop_text=0.5, drop_both=0.5)
+    with pytest.raises(FileNotFoundError, match="training data not found"):
+        train(_cfg(world, tmp_path / "run", data=str(tmp_path / "nothing.json")), show_progress=False)
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        train(_cfg(world, tmp_path / "run2", variant="huge"), show_progress=False)

@@ -70,7 +70,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
+        # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (a notebook,
+        # the tiny-world build, tests) may want another precision. The distributed set-up itself is kept.
+        AcceleratorState._reset_state()
         self.cfg = cfg
         self.output = Path(cfg.output)
         tracker = None
