@@ -40,6 +40,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateConfig, generate
+
+    cfg = GenerateConfig(
+        images=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        negative_images=args.negative_image or [], scale=args.scale, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, num_images=args.num_images, base=args.base, adapter=args.adapter,
+        image_encoder=args.image_encoder, init_image=args.init_image, strength=args.strength, out=args.out,
+        device=args.device,
+    )
+    for path in generate(cfg):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipadapter", description="IP-Adapter image prompts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="file to write (.safetensors; .bin also allowed for --to official)")
     p.add_argument("--to", choices=["official", "ipadapter"], required=True, help="layout to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate images from reference image(s) and an optional text prompt")
+    p.add_argument("--image", nargs="+", required=True, metavar="REF", help="reference image file(s)")
+    p.add_argument("--prompt", default="", help='text prompt (default: "" = image-only prompting)')
+    p.add_argument("--negative-prompt", default="", help="negative text prompt (default: empty)")
+    p.add_argument("--negative-image", nargs="+", metavar="IMG", help="image(s) used as the unconditional image prompt")
+    p.add_argument("--scale", type=float, default=1.0, help="image prompt weight (default: 1.0)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help='seed of torch.Generator("cpu") (default: 0)')
+    p.add_argument("--num-images", type=int, default=1, help="images per reference (default: 1)")
+    p.add_argument("--base", default="tinyworld", help="diffusers folder, checkpoint file or hub id (default: tinyworld)")
+    p.add_argument("--adapter", default="tinyworld-base", help="IP-Adapter file (default: tinyworld-base)")
+    p.add_argument("--image-encoder", default="", help="CLIP image encoder folder or hub id (default: the base's)")
+    p.add_argument("--init-image", default="", help="image-to-image: the starting image")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image strength (default: 0.6)")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="write a labelled PNG grid from the embedded tiny world (offline, CPU, seconds)")
     p.add_argument("--out", default="ipadapter-demo", help="output folder (default: ipadapter-demo)")
