@@ -55,3 +55,9 @@ def test_encoder_width_is_checked_against_the_adapter():
         check_encoder(plus, encoder)
     base = AdapterConfig("linear", 4, 32, (32,), image_feature="pooled", image_embed_dim=40)
     check_encoder(base, encoder)  # matches: no error
+
+
+def test_repo_and_subfolder_shorthand(tmp_path):
+    tiny_clip_vision(image_size=28).save_pretrained(tmp_path / "models" / "image_encoder")
+    encoder = ImageEncoder.from_pretrained(f"{tmp_path}::models/image_encoder")  # like h94/IP-Adapter::models/...
+    assert encoder.pooled_dim == 40

@@ -40,9 +40,14 @@ class ImageEncoder(nn.Module):
         device: str | torch.device = "cpu",
         **kwargs,
     ) -> ImageEncoder:
-        """Loads a CLIPVisionModelWithProjection from a local folder or hub id (e.g. h94/IP-Adapter, models/image_encoder)."""
+        """Loads a CLIPVisionModelWithProjection from a local folder or hub id.
+
+        `"h94/IP-Adapter::models/image_encoder"` is short for `("h94/IP-Adapter", subfolder="models/image_encoder")`.
+        """
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+        if subfolder is None and "::" in str(name_or_path):
+            name_or_path, subfolder = str(name_or_path).split("::", 1)
         path = Path(name_or_path)
         if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
             raise FileNotFoundError(f"no image encoder config.json in {path / (subfolder or '')}")

@@ -57,10 +57,7 @@ def load_frozen_models(base: str, image_encoder: str, needs_encoder: bool, dtype
                 "this variant needs a CLIP image encoder: pass --image-encoder (a folder or hub id, e.g. "
                 "h94/IP-Adapter with subfolder models/image_encoder)"
             )
-        sub = None
-        if "::" in encoder_path:  # "repo::subfolder"
-            encoder_path, sub = encoder_path.split("::", 1)
-        encoder = ImageEncoder.from_pretrained(encoder_path, subfolder=sub, dtype=dtype)
+        encoder = ImageEncoder.from_pretrained(encoder_path, dtype=dtype)  # "repo::subfolder" allowed
     models = FrozenModels(unet, vae, text_encoders, tokenizers, noise_scheduler, encoder)
     for module in models.frozen():
         module.requires_grad_(False).eval()
