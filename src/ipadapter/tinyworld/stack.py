@@ -463,19 +463,24 @@ def build_unet(config: UNetConfig):
     )
 
 
+def _noise_schedule(config: SchedulerConfig) -> dict[str, Any]:
+    """The arguments training and sampling schedulers share (same betas, same spacing)."""
+    return {
+        "num_train_timesteps": config.num_train_timesteps,
+        "beta_schedule": config.beta_schedule,
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "prediction_type": config.prediction_type,
+        "clip_sample": False,  # latents are not in [-1, 1]
+        "timestep_spacing": config.timestep_spacing,
+    }
+
+
 def build_train_scheduler(config: SchedulerConfig):
     """The `diffusers.DDPMScheduler` used to add noise in training."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        prediction_type=config.prediction_type,
-        clip_sample=False,  # latents are not in [-1, 1]
-        timestep_spacing=config.timestep_spacing,
-    )
+    return DDPMScheduler(**_noise_schedule(config))
 
 
 def build_sample_scheduler(config: SchedulerConfig):
@@ -483,13 +488,7 @@ def build_sample_scheduler(config: SchedulerConfig):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
-        num_train_timesteps=config.num_train_timesteps,
-        beta_schedule=config.beta_schedule,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        prediction_type=config.prediction_type,
-        clip_sample=False,  # latents are not in [-1, 1]
+        **_noise_schedule(config),
         set_alpha_to_one=True,  # the last step returns the clean estimate
         steps_offset=1,  # unused by trailing spacing; 1 keeps StableDiffusionPipeline from warning
-        timestep_spacing=config.timestep_spacing,
     )
