@@ -230,7 +230,8 @@ def _smoke(device: str) -> BuildConfig:
 
 
 def _full(device: str) -> BuildConfig:
-    """The shipped build. CPU: about 3 hours at 1 thread (less on 2 cores). CUDA: about 7 minutes on an H200 (est.),
+    """The full build. CPU: about 3.5 hours at 1 thread with the vision stage (less on 2 cores, estimated from
+    measured steps). CUDA: about 7 minutes on an H200 (est.),
     with 8-64x larger batches and fewer steps, since a GPU step costs about the same up to these batch sizes."""
     if device == "cuda":
         return BuildConfig(
