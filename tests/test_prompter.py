@@ -75,3 +75,31 @@ def test_each_prompt_keeps_its_own_reference(folders):
         single = prompter(image=ref, prompt="a shape", latents=latents, **common).images
         assert abs(single[0] - batch[i]).max() <= 1e-5
     assert abs(batch[0] - batch[1]).max() > 1e-3
+
+
+def test_step_window(folders):
+    """0..0 is exactly no adapter; 0..1 is exactly the default; a partial window lies in between."""
+    base, encoder_folder, _ = folders
+    ours, _ = _pipes(base, encoder_folder)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference = Image.new("RGB", (28, 28), "red")
+    common = {"prompt": "a shape", "num_inference_steps": 4, "output_type": "np"}
+
+    def run(**kw):
+        return prompter(image=reference, generator=torch.Generator("cpu").manual_seed(2), **common, **kw).images
+
+    prompter = ImagePrompter(ours, adapter, encoder)
+    full, default, late = run(start=0.0, end=1.0), run(), run(start=0.5, end=1.0)
+    none = run(start=0.0, end=0.0)
+    prompter.detach()
+    plain = ours(generator=torch.Generator("cpu").manual_seed(2), **common).images
+    assert (none == plain).all()
+    assert (full == default).all()
+    assert abs(late - full).max() > 1e-4 and abs(late - plain).max() > 1e-4
+    with pytest.raises(ValueError, match=r"expected 0 <= start <= end <= 1, found start=0.8, end=0.2"):
+        adapter.state.set_window(0.8, 0.2)

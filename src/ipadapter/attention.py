@@ -39,8 +39,9 @@ class ImageBranch:
 
     @property
     def active(self) -> bool:
-        """False when λ = 0 for this layer: the branch is skipped entirely (bit-identical to no adapter, and free)."""
-        return self.state.layer_scales[self.layer_index] != 0
+        """False when λ = 0 for this layer or the step is outside the adapter's window: the branch is then skipped
+        entirely (bit-identical to no adapter, and free)."""
+        return self.state.layer_scales[self.layer_index] != 0 and self.state.in_window()
 
     def __call__(self, query: torch.Tensor, heads: int) -> torch.Tensor:
         """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh)."""

@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = GenerateConfig(
         images=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        negative_images=args.negative_image or [], scale=args.scale, steps=args.steps, guidance=args.guidance,
+        negative_images=args.negative_image or [], scale=args.scale, start=args.start, end=args.end, steps=args.steps, guidance=args.guidance,
         seed=args.seed, num_images=args.num_images, base=args.base, adapter=args.adapter,
         image_encoder=args.image_encoder, init_image=args.init_image, strength=args.strength, out=args.out,
         device=args.device,
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="negative text prompt (default: empty)")
     p.add_argument("--negative-image", nargs="+", metavar="IMG", help="image(s) used as the unconditional image prompt")
     p.add_argument("--scale", type=float, default=1.0, help="image prompt weight (default: 1.0)")
+    p.add_argument("--start", type=float, default=0.0, help="image prompt active from this fraction of the steps (0)")
+    p.add_argument("--end", type=float, default=1.0, help="image prompt active up to this fraction of the steps (1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0, help='seed of torch.Generator("cpu") (default: 0)')

@@ -26,6 +26,8 @@ class GenerateConfig:
     negative_prompt: str = ""  # negative text prompt (default empty, as diffusers)
     negative_images: list[str] = field(default_factory=list)  # images used as the unconditional image prompt
     scale: float = 1.0  # image prompt weight lambda
+    start: float = 0.0  # the image prompt acts from this fraction of the denoising ...
+    end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
     guidance: float | None = None  # classifier-free guidance (default: the pipeline's)
     seed: int = 0  # torch.Generator("cpu").manual_seed(seed), as diffusers users write it
@@ -53,6 +55,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise FileNotFoundError(f"adapter not found: {adapter}")
     if cfg.num_images < 1 or (cfg.steps is not None and cfg.steps < 1):
         raise ValueError(f"--num-images and --steps must be >= 1, found {cfg.num_images} and {cfg.steps}")
+    if not 0 <= cfg.start <= cfg.end <= 1:
+        raise ValueError(f"expected 0 <= --start <= --end <= 1, found {cfg.start} and {cfg.end}")
     if not 0 < cfg.strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], found {cfg.strength}")
 
@@ -87,7 +91,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     negatives = [load_image(p) for p in cfg.negative_images] or None
     prompts = [cfg.prompt] * len(references)
     images = prompter(image=references, prompt=prompts if len(references) > 1 else cfg.prompt, scale=cfg.scale,
-                      negative_image=negatives, guidance_scale=guidance, **kwargs).images
+                      negative_image=negatives, guidance_scale=guidance, start=cfg.start, end=cfg.end,
+                      **kwargs).images
     prompter.detach()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,8 @@ class ImagePrompter:
         face_id: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
+        start: float = 0.0,
+        end: float = 1.0,
         **pipe_kwargs,
     ):
         """Calls the pipeline with the image prompt.
@@ -107,6 +109,8 @@ class ImagePrompter:
             face_id: (N, 512) ArcFace embeddings for FaceID adapters.
             guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
             num_images_per_prompt: images per prompt, passed to the pipeline.
+            start: the image prompt acts from this fraction of the denoising schedule on ...
+            end: ... up to this fraction (step i of N acts when start <= i/N and (i+1)/N <= end).
             **pipe_kwargs: anything else the pipeline takes (negative_prompt, num_inference_steps, generator, ...).
 
         Returns:
@@ -122,6 +126,8 @@ class ImagePrompter:
             raise ValueError(f"expected one reference image or one per prompt ({len(prompts)}), found {cond.shape[0]}")
         self.adapter.set_tokens(cond, uncond if self._uses_cfg(guidance_scale) else None)
         self.adapter.set_scale(scale)
+        self.adapter.state.set_window(start, end)
+        hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
         try:
             return self.pipe(
                 prompt=prompts if not isinstance(prompt, str) else prompt,
@@ -130,4 +136,18 @@ class ImagePrompter:
                 **pipe_kwargs,
             )
         finally:
+            hook.remove()
             self.adapter.state.clear()
+            self.adapter.state.progress = None
+            self.adapter.state.set_window()
+
+    def _track_step(self, module, args, kwargs) -> None:
+        """Before each UNet call: which step of the scheduler's full schedule this is (for the step window)."""
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        if t is None or timesteps is None or len(timesteps) == 0:
+            return
+        t = torch.as_tensor(t).flatten()[0].to(timesteps.device, timesteps.dtype)
+        match = (timesteps == t).nonzero()
+        if len(match):
+            self.adapter.state.progress = (int(match[0, 0]), len(timesteps))

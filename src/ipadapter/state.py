@@ -25,6 +25,8 @@ class PromptState:
         self.cond: torch.Tensor | None = None  # (N, T, C) image tokens of the positive branch
         self.uncond: torch.Tensor | None = None  # (N, T, C) tokens of the unconditional branch, or None (no CFG)
         self.layer_scales: list[float] = [1.0] * num_layers  # λ of each adapted layer
+        self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
+        self.progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -76,6 +78,20 @@ class PromptState:
         if len(scales) != self.num_layers:
             raise ValueError(f"expected one scale per adapted layer ({self.num_layers}), found {len(scales)}")
         self.layer_scales = scales
+
+    # ---- step window ------------------------------------------------------------------------------------------
+    def set_window(self, start: float = 0.0, end: float = 1.0) -> None:
+        """The adapter acts only on steps i (of N) with start <= i/N and (i+1)/N <= end."""
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"expected 0 <= start <= end <= 1, found start={start}, end={end}")
+        self.window = (float(start), float(end))
+
+    def in_window(self) -> bool:
+        if self.progress is None or self.window == (0.0, 1.0):
+            return True
+        i, n = self.progress
+        start, end = self.window
+        return start <= i / n and (i + 1) / n <= end
 
     # ---- key/value cache ----------------------------------------------------------------------------------------
     def cached(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
