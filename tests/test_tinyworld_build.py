@@ -20,6 +20,7 @@ from ipadapter.tinyworld.build import (
     STOPPED_EARLY,
     CaptionSampler,
     CaptionTokens,
+    SceneIndex,
     apply_overrides,
     consistent,
     main,
@@ -173,3 +174,18 @@ def test_overrides_are_typed_and_checked():
     assert config.unet.batch_size == 4 and config.stack.unet.block_out_channels == (64, 128, 128)
     with pytest.raises(ValueError, match="unknown config field 'batchsize'"):
         apply_overrides(SCALES["smoke"]("cpu"), ["unet.batchsize=4"])
+
+
+def test_contrast_groups_differ_from_their_anchor_in_the_contrasted_attribute_only():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [len(values) for values in ATTRIBUTES.values()]
+    scenes = torch.stack([torch.randint(0, n, (20_000,), generator=generator) for n in sizes], 1)  # (n, 6)
+    index, attribute = SceneIndex(scenes).groups(130, 4, generator)
+    assert index.shape == attribute.shape == (130,)  # 32 groups of 4, then 2 random images
+    groups = scenes[index[:128]].view(32, 4, 6)
+    differs = groups != groups[:, :1]  # (32, 4, 6)
+    contrasted = attribute[:128].view(32, 4)
+    assert (contrasted == contrasted[:, :1]).all()
+    one_hot = torch.nn.functional.one_hot(contrasted[:, 0], 6).bool()[:, None, :].expand(-1, 3, -1)  # (32, 3, 6)
+    exact = (differs[:, 1:] == one_hot).all(-1)  # (32, 3): differs exactly in the contrasted attribute
+    assert exact.float().mean() > 0.9  # the rest are fallbacks where no image of the wanted scene exists

@@ -126,6 +126,9 @@ class ClipTrainConfig(TrainConfig):
     full_caption_prob: float = 0.25  # captions stating every attribute
     attribute_prob: float = 0.5  # otherwise each attribute is stated with this probability (never none)
     init_logit_scale: float = 2.6593  # log(1 / 0.07), as in CLIP
+    contrast_group: int = 4  # images per attribute-contrast group (1: plain random batches); see SceneIndex
+    position_init_std: float = 0.3  # std of the ViT's initial position embeddings (transformers' default: 0.02)
+    attribute_loss: float = 1.0  # weight of the attribute-readout loss on both embeddings (0: contrastive only)
     probe_fit: int = 600  # held-out images that fit the hidden_states[-2] linear probe; the rest test it
 
 
@@ -434,6 +437,55 @@ class CaptionSampler:
         return stated & ~dropped
 
 
+class SceneIndex:
+    """Finds training images by scene, to build attribute-contrast batches for contrastive training.
+
+    In a random batch, two images rarely agree on every attribute but one, so the hard attributes (shape, position)
+    almost never decide which caption goes with which image and CLIP learns the easy ones (colour, background) only.
+    A contrast group is an anchor image plus `group - 1` images that differ from it in one attribute (chosen per
+    group), whose captions all state that attribute: inside the group only that attribute tells them apart.
+    """
+
+    def __init__(self, scenes: torch.Tensor) -> None:
+        sizes = torch.tensor([len(v) for v in ATTRIBUTES.values()], device=scenes.device)  # (6,)
+        self.sizes = sizes
+        self.strides = torch.cumprod(torch.cat([sizes.new_ones(1), sizes[:-1]]), 0)  # (6,) mixed radix
+        codes = (scenes * self.strides).sum(1)  # (n,)
+        self.order = codes.argsort()  # (n,) image indices sorted by scene code
+        self.count = torch.bincount(codes, minlength=int(sizes.prod()))  # (combos,)
+        self.start = torch.cumsum(self.count, 0) - self.count  # (combos,)
+        self.scenes = scenes
+
+    def groups(self, batch: int, group: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image indices (batch,) and the contrasted attribute of each image (batch,), in groups of `group`.
+
+        A member whose scene has no image falls back to a random image (still stating the group's attribute)."""
+        device, n = generator.device, len(self.scenes)
+        anchors = torch.randint(0, n, (batch // group,), generator=generator, device=device)  # (G,)
+        attribute = torch.randint(0, len(self.sizes), (len(anchors),), generator=generator, device=device)  # (G,)
+        scenes = self.scenes[anchors][:, None, :].repeat(1, group, 1)  # (G, g, 6)
+        size = self.sizes[attribute]  # (G,)
+        shift = 1 + (torch.rand(len(anchors), group - 1, generator=generator, device=device)
+                     * (size[:, None] - 1)).long()  # (G, g-1) in 1..size-1: a different value  # fmt: skip
+        column = scenes[:, 1:, :].gather(2, attribute[:, None, None].expand(-1, group - 1, 1))  # (G, g-1, 1)
+        scenes[:, 1:, :] = scenes[:, 1:, :].scatter(2, attribute[:, None, None].expand(-1, group - 1, 1),
+                                                      (column + shift[..., None]) % size[:, None, None])  # fmt: skip
+        codes = (scenes * self.strides).sum(-1)  # (G, g)
+        count = self.count[codes]
+        pick = self.start[codes] + (torch.rand(codes.shape, generator=generator, device=device) * count).long()
+        found = self.order[pick.clamp(max=n - 1)]
+        fallback = torch.randint(0, n, codes.shape, generator=generator, device=device)
+        index = torch.where(count > 0, found, fallback).flatten()  # (G * g,)
+        rest = batch - index.numel()  # batch not divisible by group: random images, random attribute
+        if rest:
+            index = torch.cat([index, torch.randint(0, n, (rest,), generator=generator, device=device)])
+            attribute = torch.cat([attribute.repeat_interleave(group),
+                                   torch.randint(0, len(self.sizes), (rest,), generator=generator, device=device)])
+        else:
+            attribute = attribute.repeat_interleave(group)
+        return index, attribute
+
+
 def consistent(scenes: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """(n_text, n_image) bool: caption i (scene i stating masks i) is true of image j."""
     same = scenes[:, None, :] == scenes[None, :, :]  # (n, n, 6)
@@ -649,6 +701,33 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
     return stack_lib.normalize_pixels(images.float() / 255)
 
 
+class AttributeReadout(torch.nn.Module):
+    """Linear heads that read each attribute from both CLIP embeddings, used as an auxiliary training loss.
+
+    Contrastive training alone sits at a saddle for the attributes that are hard to see (shape, position): while
+    neither tower encodes them, neither gets a gradient to start (the gradient of one side is proportional to the
+    differences of the other side's embeddings), and at this data scale the easy attributes (colour, background)
+    explain most of the batch. Measured on 2 cores: after 1,200 steps of batch 128 the pooled image embedding read
+    position at chance (linear probe 0.26) and the text embeddings of "on the left" and "at the top" had cosine
+    1.000. Web-scale CLIPs encode these attributes; these heads stand in for that scale. Text heads are trained only
+    on the attributes a caption states; image heads on all of them. One head per attribute, shared by both towers,
+    so that both embed an attribute value in the same direction, which contrastive matching then refines.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, len(values)) for values in ATTRIBUTES.values())
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor, scenes: torch.Tensor, stated: torch.Tensor):
+        """Mean cross-entropy over attributes: images (B, D) on all, texts (B, D) on the stated ones."""
+        total = text.new_zeros(())
+        for a, head in enumerate(self.heads):
+            total = total + F.cross_entropy(head(image.float()), scenes[:, a])
+            per_text = F.cross_entropy(head(text.float()), scenes[:, a], reduction="none")  # (B,)
+            total = total + (per_text * stated[:, a]).sum() / stated[:, a].sum().clamp(min=1)
+        return total / (2 * len(self.heads))
+
+
 def clip_embed_text(clip, ids: torch.Tensor) -> torch.Tensor:
     """Projected, L2-normalised text embeddings (n, projection_dim)."""
     return F.normalize(clip.text_projection(clip.text_model(input_ids=ids).pooler_output).float(), dim=-1)
@@ -675,14 +754,25 @@ def stage_clip(ctx: Context, stage: str = "clip") -> dict[str, Any]:
     clip = stack_lib.build_clip(stack.clip, len(tokenizer), tokenizer.model_max_length)
     with torch.no_grad():
         clip.logit_scale.fill_(cfg.init_logit_scale)
+        # Where the shape is lives only in the position embeddings. At transformers' init (std 0.02) they are about
+        # 14x smaller than a patch's content embedding, and the pooled output stays blind to position for hundreds
+        # of steps even under direct supervision (measured: chance after 200 steps, 0.81 after 300); at std 0.3 a
+        # supervised probe reads position at 0.96 after 150 steps.
+        torch.nn.init.normal_(clip.vision_model.embeddings.position_embedding.weight, std=cfg.position_init_std)
     clip.to(ctx.device)
     tokens = CaptionTokens(tokenizer, ctx.device)
     sampler = CaptionSampler(cfg.full_caption_prob, cfg.attribute_prob, dropout=0.0, allow_empty=False)
     batches = torch.Generator(ctx.device).manual_seed(ctx.config.seed + 101 + offset)
+    index_by_scene = SceneIndex(scenes)
 
     def loss_fn(step: int) -> torch.Tensor:  # everything on ctx.device: no host sync
-        index = torch.randint(0, len(images), (cfg.batch_size,), generator=batches, device=ctx.device)
-        masks = sampler.masks(cfg.batch_size, batches)  # (B, 6)
+        if cfg.contrast_group > 1:
+            index, contrasted = index_by_scene.groups(cfg.batch_size, cfg.contrast_group, batches)  # (B,), (B,)
+            masks = sampler.masks(cfg.batch_size, batches)  # (B, 6)
+            masks = masks.scatter(1, contrasted[:, None], True)  # the group's attribute is always stated
+        else:
+            index = torch.randint(0, len(images), (cfg.batch_size,), generator=batches, device=ctx.device)
+            masks = sampler.masks(cfg.batch_size, batches)  # (B, 6)
         ids = tokens.ids(scenes[index], masks)  # (B, L)
         match = consistent(scenes[index], masks).float()  # (B text, B image)
         pixels = _pixels(images[index])  # (B, 3, 64, 64)
@@ -692,9 +782,14 @@ def stage_clip(ctx: Context, stage: str = "clip") -> dict[str, Any]:
         logits = clip.logit_scale.exp().clamp(max=100) * text @ image.T  # (B text, B image)
         t2i = -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         i2t = -(match.T / match.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
-        return (t2i + i2t) / 2
+        loss = (t2i + i2t) / 2
+        if cfg.attribute_loss:
+            loss = loss + cfg.attribute_loss * readout(text, image, scenes[index], masks)
+        return loss
 
-    result = train_loop(ctx, stage, cfg, clip, loss_fn, {"batches": batches})
+    readout = AttributeReadout(clip.config.projection_dim).to(ctx.device)
+    trained = torch.nn.ModuleDict({"clip": clip, "readout": readout})  # the readout heads are not shipped
+    result = train_loop(ctx, stage, cfg, trained, loss_fn, {"batches": batches})
     clip = clip.float().cpu().eval()
     text, vision = stack_lib.split_clip(clip)
     clip.save_pretrained(str(folder / "clip_model"))
