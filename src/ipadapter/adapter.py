@@ -13,12 +13,13 @@ cross-attention layer i, and `lora.{j}.to_{q,k,v,out}_lora.{down,up}.weight` for
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer, LoRABranch
+from .blocks import layer_weights
 from .config import AdapterConfig, ResamplerConfig
 from .layers import AttentionLayer, attention_layers, cross_attention_layers
 from .lora import AttentionLoRA
@@ -45,6 +46,7 @@ class IPAdapter(nn.Module):
         )
         self.state = PromptState(config.num_layers)
         self._processors: list[tuple[nn.Module, DecoupledAttnProcessor]] = []  # (attention module, processor)
+        self.layer_names: list[str] = []  # the adapted cross-attention layers of the UNet it is attached to
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -176,6 +178,7 @@ class IPAdapter(nn.Module):
             for j, layer in enumerate(attention_layers(unet)):
                 module, image_branch, _ = targets.get(layer.name, (layer.module, None, None))
                 targets[layer.name] = (module, image_branch, LoRABranch(self, self.lora[j]))
+        self.layer_names = [layer.name for layer in cross]
         for module, image_branch, lora_branch in targets.values():
             processor = module.processor
             if not isinstance(processor, DecoupledAttnProcessor):
@@ -217,9 +220,19 @@ class IPAdapter(nn.Module):
         """Sets the image tokens the attached layers attend to (see `state.PromptState` for the batch rule)."""
         self.state.set_tokens(cond, uncond)
 
-    def set_scale(self, scale: float | Sequence[float]) -> None:
-        """λ for every adapted layer, or one λ per layer."""
-        self.state.set_scale(scale)
+    def set_scale(
+        self, scale: float | Sequence[float] | Mapping = 1.0, preset: str | None = None,
+        composition_scale: float | None = None,
+    ) -> None:  # fmt: skip
+        """λ for every adapted layer: one number, one per layer, a diffusers block dict
+        ({"up": {"block_0": [0.0, 1.0, 0.0]}}), or a named preset ("style", "composition", "ease_in", ...; see
+        `blocks.PRESETS`) times `scale`. Dicts and presets need the adapter attached (they name UNet blocks)."""
+        if preset is None and not isinstance(scale, Mapping):
+            self.state.set_scale(scale)  # type: ignore[arg-type]
+            return
+        if not self.attached:
+            raise ValueError("block dicts and presets name UNet blocks: attach the adapter to a UNet first")
+        self.state.set_scale(layer_weights(self.layer_names, scale, preset, composition_scale))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -29,7 +29,8 @@ class IPLayer(nn.Module):
 
 
 class ImageBranch:
-    """λ · softmax(Q K_ip^T / sqrt(d)) V_ip for one adapter at one layer."""
+    """Σ_g λ_g · mask_g · softmax(Q K_g^T / sqrt(d)) V_g for one adapter at one layer, over its token groups g
+    (one group for a plain image prompt; see `state.PromptState`)."""
 
     def __init__(self, owner: nn.Module, layer: IPLayer, layer_index: int, state: PromptState) -> None:
         self.owner = owner  # the IPAdapter this branch belongs to (used to detach)
@@ -39,18 +40,18 @@ class ImageBranch:
 
     @property
     def active(self) -> bool:
-        """False when λ = 0 for this layer or the step is outside the adapter's window: the branch is then skipped
-        entirely (bit-identical to no adapter, and free)."""
-        return self.state.layer_scales[self.layer_index] != 0 and self.state.in_window()
+        """False when every group's λ is 0 at this layer now (scale 0, or the step is outside its window): the
+        branch is then skipped entirely (bit-identical to no adapter, and free)."""
+        if not self.state.groups:
+            self.state.tokens_for(0)  # raises the error that says how to set an image prompt
+        return any(self.state.scale_of(g, self.layer_index) != 0 for g in range(len(self.state.groups)))
 
-    def __call__(self, query: torch.Tensor, heads: int) -> torch.Tensor:
-        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh)."""
-        scale = self.state.layer_scales[self.layer_index]
-        batch, _, length, head_dim = query.shape
-        key = (self.layer_index, batch, query.dtype, query.device)
+    def _keys_values(self, group: int, query: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, _, head_dim = query.shape
+        key = (group, self.layer_index, batch, query.dtype, query.device)
         kv = self.state.cached(key)
         if kv is None:
-            tokens = self.state.tokens_for(batch)  # (B, T, C)
+            tokens = self.state.tokens_for(batch, group)  # (B, T, C)
             weight = self.layer.to_k_ip.weight
             tokens = tokens.to(device=weight.device, dtype=weight.dtype)
             k = self.layer.to_k_ip(tokens).to(query.dtype)  # (B, T, H*Dh)
@@ -59,9 +60,25 @@ class ImageBranch:
             v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
             kv = (k, v)
             self.state.store(key, kv)
-        out = F.scaled_dot_product_attention(query, kv[0], kv[1], dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
-        out = out.transpose(1, 2).reshape(batch, length, heads * head_dim).to(query.dtype)  # (B, L, H*Dh)
-        return scale * out
+        return kv
+
+    def __call__(self, query: torch.Tensor, heads: int) -> torch.Tensor | None:
+        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh), or None if no group acts."""
+        batch, _, length, head_dim = query.shape
+        total = None
+        for group in range(len(self.state.groups)):
+            scale = self.state.scale_of(group, self.layer_index)
+            if scale == 0:
+                continue
+            k, v = self._keys_values(group, query, heads)
+            out = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
+            out = out.transpose(1, 2).reshape(batch, length, heads * head_dim).to(query.dtype)  # (B, L, H*Dh)
+            mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
+            if mask is not None:
+                out = out * mask.to(device=out.device, dtype=out.dtype)
+            out = scale * out
+            total = out if total is None else total + out
+        return total
 
 
 class LoRABranch:
@@ -154,7 +171,9 @@ class DecoupledAttnProcessor:
 
         # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5).
         for branch in branches:
-            hidden_states = hidden_states + branch(query, attn.heads)
+            image_attention = branch(query, attn.heads)
+            if image_attention is not None:
+                hidden_states = hidden_states + image_attention
 
         hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
         hidden_states = attn.to_out[1](hidden_states)  # dropout

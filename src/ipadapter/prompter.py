@@ -2,147 +2,383 @@
 
     prompter = ImagePrompter(pipe, adapter, encoder)          # attaches the adapter to pipe.unet
     images = prompter(image=reference, prompt="on the beach", scale=0.6, generator=g).images
+    images = prompter(image=[ref_a, ref_b], combine="average", preset="style", mask=mask).images
     prompter.detach()
 
-The prompter encodes the reference(s), sets the image tokens for the batch the pipeline will run (one reference per
-prompt, classifier-free guidance aware), calls the pipeline unchanged, and clears the tokens afterwards.
+Several adapters at once (e.g. a style adapter and a face adapter) take one `ImagePrompt` each:
+
+    prompter = ImagePrompter(pipe, [style_adapter, face_adapter], [encoder, None])
+    prompter(prompts=[ImagePrompt(image=painting, preset="style"), ImagePrompt(face_id=arcface)], prompt="...")
+
+The prompter encodes the references, turns every control into token groups on each adapter (see
+`state.PromptState`), calls the pipeline unchanged, and clears everything afterwards. The text path is untouched, so
+a ControlNet or T2I-Adapter in the pipeline sees the text tokens only.
+
+References per prompt: a single image (or precomputed feature tensor) serves every prompt; a list with one entry per
+prompt gives each batch item its own reference; an entry that is itself a list holds several references for that
+prompt, combined by `combine`. With one prompt, a flat list is several references for it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .adapter import IPAdapter
+from .blocks import layer_weights
+from .combine import combine_features, concat_tokens
 from .encoders import ImageEncoder, check_encoder
+from .images import load_image
+from .noise import noised_reference
+from .references import prepare
+from .state import TokenGroup, check_window
 
 ImageInput = Image.Image | torch.Tensor
+MaskInput = Image.Image | torch.Tensor | np.ndarray | str | Path
 
 
-def _as_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput] | None:
-    """A PIL image, a list of them, or precomputed features with a leading batch axis -> a list."""
+@dataclass
+class ImagePrompt:
+    """Everything one adapter is asked to carry in one pipeline call."""
+
+    image: ImageInput | Sequence | None = None  # reference(s); see the module docstring for per-prompt rules
+    scale: float | Sequence[float] | Mapping = 1.0  # λ: one number, one per layer, or a diffusers block dict
+    preset: str | None = None  # per-block preset (blocks.PRESETS): "style", "composition", "ease_in", ...
+    composition_scale: float | None = None  # composition weight of "style_and_composition" presets
+    composition_image: ImageInput | Sequence | None = None  # with a style_and_composition preset: the layout image
+    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
+    weights: Sequence[float] | None = None  # one weight per reference (same for every prompt)
+    prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
+    negative_image: ImageInput | Sequence | None = None  # unconditional image prompt instead of the empty one
+    negative_noise: float = 0.0  # > 0: the unconditional image is the reference with this much noise ("fade")
+    mask: MaskInput | Sequence[MaskInput] | None = None  # where the prompt acts: one for all prompts or one each
+    regions: Sequence[MaskInput] | None = None  # one mask per reference: each acts only inside its own (regional)
+    start: float = 0.0  # acts from this fraction of the denoising ...
+    end: float = 1.0  # ... up to this fraction
+    face_id: torch.Tensor | None = None  # (512,) or (N, 512) ArcFace embeddings for FaceID adapters
+    content_embeds: torch.Tensor | None = None  # InstantStyle: (D,) or (N, D) text embedding to remove (pooled only)
+    content_scale: float = 1.0  # ... times this
+
+
+def _is_reference(x, feature_ndim: int) -> bool:
+    return isinstance(x, (Image.Image, str, Path)) or (isinstance(x, torch.Tensor) and x.ndim == feature_ndim)
+
+
+def references_per_prompt(images, n_prompts: int, feature_ndim: int = 1) -> list[list] | None:
+    """Normalises reference input to one list of references per prompt (see the module docstring).
+
+    `feature_ndim`: axes of one precomputed reference (1 for pooled (D,), 2 for penultimate (T, D)); a tensor with
+    one more axis is a batch of them, one per prompt."""
     if images is None:
         return None
-    if isinstance(images, Image.Image):
-        return [images]
-    return list(images)
+    if _is_reference(images, feature_ndim):
+        return [[images]] * n_prompts
+    if isinstance(images, torch.Tensor):  # a batch of precomputed features: one row per prompt
+        images = list(images)
+    items = list(images)
+    if not items:
+        raise ValueError("expected at least one reference image, found an empty list")
+    if all(isinstance(x, (list, tuple)) for x in items):
+        if len(items) != n_prompts:
+            raise ValueError(f"expected one list of references per prompt ({n_prompts}), found {len(items)}")
+        return [list(x) for x in items]
+    if len(items) == n_prompts:
+        return [[x] for x in items]
+    if n_prompts == 1:
+        return [items]
+    raise ValueError(
+        f"expected one reference image, or one per prompt ({n_prompts}), found {len(items)}; to give a prompt "
+        "several references, pass a list of lists"
+    )
+
+
+def load_mask(mask: MaskInput) -> torch.Tensor:
+    """A mask image / array / tensor -> (H, W) float in [0, 1] (white = the image prompt acts)."""
+    if isinstance(mask, (str, Path)):
+        mask = load_image(mask)
+    if isinstance(mask, Image.Image):
+        return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    tensor = torch.as_tensor(mask, dtype=torch.float32)
+    if tensor.ndim == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.ndim != 2:
+        raise ValueError(f"a mask must be (height, width), found shape {tuple(tensor.shape)}")
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise ValueError(f"mask values must be in [0, 1], found [{float(tensor.min())}, {float(tensor.max())}]")
+    return tensor
+
+
+def masks_tensor(mask, n_prompts: int) -> torch.Tensor | None:
+    """One mask for all prompts, or one per prompt -> (1 or N, H, W)."""
+    if mask is None:
+        return None
+    if isinstance(mask, (list, tuple)):
+        loaded = [load_mask(m) for m in mask]
+        if len(loaded) not in (1, n_prompts):
+            raise ValueError(f"expected one mask, or one per prompt ({n_prompts}), found {len(loaded)}")
+        if len({tuple(m.shape) for m in loaded}) > 1:
+            raise ValueError(f"masks must share one size, found {sorted({tuple(m.shape) for m in loaded})}")
+        return torch.stack(loaded)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 3 and mask.shape[0] > 1:
+        return torch.stack([load_mask(m) for m in mask])
+    return load_mask(mask)[None]
 
 
 class ImagePrompter:
-    """Runs a diffusers Stable Diffusion / SDXL pipeline with an IP-Adapter image prompt."""
+    """Runs a diffusers Stable Diffusion / SDXL pipeline with IP-Adapter image prompts."""
 
-    def __init__(self, pipe, adapter: IPAdapter, encoder: ImageEncoder | None = None) -> None:
-        if adapter.config.image_feature != "none":
-            if encoder is None:
-                raise ValueError(
-                    f"this adapter ({adapter.config.variant}) reads {adapter.config.image_encoder_name}; pass the "
-                    "matching ImageEncoder"
-                )
-            check_encoder(adapter.config, encoder)
+    def __init__(self, pipe, adapter: IPAdapter | Sequence[IPAdapter],
+                 encoder: ImageEncoder | None | Sequence[ImageEncoder | None] = None) -> None:  # fmt: skip
+        adapters = [adapter] if isinstance(adapter, IPAdapter) else list(adapter)
+        encoders = list(encoder) if isinstance(encoder, (list, tuple)) else [encoder] * len(adapters)
+        if len(encoders) != len(adapters):
+            raise ValueError(f"expected one image encoder per adapter ({len(adapters)}), found {len(encoders)}")
+        for a, e in zip(adapters, encoders):
+            if a.config.image_feature != "none":
+                if e is None:
+                    raise ValueError(
+                        f"this adapter ({a.config.variant}) reads {a.config.image_encoder_name}; pass the matching "
+                        "ImageEncoder"
+                    )
+                check_encoder(a.config, e)
         self.pipe = pipe
-        self.adapter = adapter if adapter.attached else adapter.attach(pipe.unet)
-        self.encoder = encoder
+        self.adapters = [a if a.attached else a.attach(pipe.unet) for a in adapters]
+        self.encoders = encoders
+
+    @property
+    def adapter(self) -> IPAdapter:
+        return self.adapters[0]
+
+    @property
+    def encoder(self) -> ImageEncoder | None:
+        return self.encoders[0]
 
     def detach(self) -> None:
-        self.adapter.detach()
+        for a in self.adapters:
+            a.detach()
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         # diffusers' rule (`do_classifier_free_guidance`): guidance > 1 and no guidance-embedding UNet.
         return guidance_scale > 1 and getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is None
 
+    # ---- encoding -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Encoder features for the adapter: pooled (N, D) or penultimate (N, T, D)."""
-        feature = self.adapter.config.image_feature
-        if all(isinstance(i, torch.Tensor) for i in images):
-            return torch.stack(list(images))  # precomputed features
-        if self.encoder is None:
+    def features(self, images: Sequence, slot: int = 0, prep: str = "center_crop") -> torch.Tensor:
+        """Encoder features of references (images, files, or precomputed feature tensors) for adapter `slot`:
+        pooled (K, D) or penultimate (K, T, D). "tiles" preparation turns one image into several references."""
+        adapter, encoder = self.adapters[slot], self.encoders[slot]
+        feature = adapter.config.image_feature
+        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
+        if all(isinstance(x, torch.Tensor) for x in loaded):
+            return torch.stack(list(loaded))  # precomputed features
+        if any(isinstance(x, torch.Tensor) for x in loaded):
+            raise ValueError("references of one prompt must be all images or all precomputed features")
+        if encoder is None:
             raise ValueError("reference images need an ImageEncoder; pass one, or pass precomputed features")
-        return self.encoder.encode(list(images), feature)
+        size = int(encoder.model.config.image_size)
+        prepared = loaded if prep == "center_crop" else [p for x in loaded for p in prepare(x, prep, size)]
+        return encoder.encode(prepared, feature)
 
     @torch.no_grad()
-    def tokens(
-        self,
-        images: Sequence[ImageInput] | None,
-        negative_images: Sequence[ImageInput] | None = None,
-        face_id: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) image tokens, one row per reference."""
-        feature = self.adapter.config.image_feature
-        cond_feats = self.features(images) if images is not None and feature != "none" else None
-        n = cond_feats.shape[0] if cond_feats is not None else face_id.shape[0]  # type: ignore[union-attr]
-        if negative_images is not None:
-            uncond_feats = self.features(negative_images)
-        elif cond_feats is not None and self.encoder is not None:
-            uncond_feats = self.encoder.unconditional(feature, n)
-        elif cond_feats is not None:  # precomputed features without an encoder: zeros, as pooled training drops
-            uncond_feats = torch.zeros_like(cond_feats)
-        else:
-            uncond_feats = None
-        cond = self.adapter.project(image=cond_feats, face_id=face_id)
-        uncond = self.adapter.project(image=uncond_feats, face_id=None if face_id is None else torch.zeros_like(face_id))
-        return cond, uncond
+    def _prompt_tokens(self, slot: int, refs: list | None, negatives: list | None, face: torch.Tensor | None,
+                       p: ImagePrompt, row: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(cond, uncond) tokens (1, T, C) of one prompt row."""
+        adapter, encoder = self.adapters[slot], self.encoders[slot]
+        feature = adapter.config.image_feature
+        cond_feats = uncond_feats = None
+        if refs is not None and feature != "none":
+            cond_feats = self.features(refs, slot, p.prep)  # (K, ...)
+            k = cond_feats.shape[0]
+            if p.content_embeds is not None:
+                if feature != "pooled":
+                    raise ValueError(
+                        "content subtraction (InstantStyle) works on global image embeddings only; this adapter "
+                        f"({adapter.config.variant}) reads {feature} features"
+                    )
+                content = p.content_embeds.to(cond_feats)
+                content = content[row] if content.ndim == 2 and content.shape[0] > 1 else content.reshape(-1)
+                if content.shape[-1] != cond_feats.shape[-1]:
+                    raise ValueError(f"content embedding is {content.shape[-1]}-d; the image embeddings are "
+                                     f"{cond_feats.shape[-1]}-d (use the text tower paired with the image encoder)")  # fmt: skip
+                cond_feats = cond_feats - p.content_scale * content
+            if negatives is not None:
+                uncond_feats = self.features(negatives, slot, p.prep)
+                if uncond_feats.shape[0] == 1 and k > 1:
+                    uncond_feats = uncond_feats.expand(k, *uncond_feats.shape[1:])
+                if uncond_feats.shape != cond_feats.shape:
+                    raise ValueError(f"negative image features {tuple(uncond_feats.shape)} do not match the "
+                                     f"references' {tuple(cond_feats.shape)}")  # fmt: skip
+            elif p.negative_noise > 0:
+                images = [load_image(x) if isinstance(x, (str, Path)) else x for x in refs]
+                if not all(isinstance(x, Image.Image) for x in images):
+                    raise ValueError("negative_noise needs reference images, not precomputed features")
+                uncond_feats = self.features([noised_reference(x, p.negative_noise) for x in images], slot, p.prep)
+            elif encoder is not None:
+                uncond_feats = encoder.unconditional(feature, k).to(cond_feats)
+            else:  # precomputed features without an encoder: zeros, as pooled training drops
+                uncond_feats = torch.zeros_like(cond_feats)
+            cond_feats = combine_features(cond_feats, p.combine, p.weights)
+            uncond_feats = combine_features(uncond_feats, p.combine, None if negatives is None else p.weights)
+        faces = None
+        if face is not None:
+            n = cond_feats.shape[0] if cond_feats is not None else 1
+            faces = face.reshape(1, -1).expand(n, -1)
+        cond = adapter.project(image=cond_feats, face_id=faces)  # (K or 1, T, C)
+        uncond = adapter.project(image=uncond_feats, face_id=None if faces is None else torch.zeros_like(faces))
+        return concat_tokens(cond), concat_tokens(uncond)
 
+    @torch.no_grad()
+    def groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
+        """The token groups adapter `slot` gets for `p` in a call with `n_prompts` prompts."""
+        adapter = self.adapters[slot]
+        check_window(p.start, p.end)
+        ndim = 2 if adapter.config.image_feature == "penultimate" else 1
+        refs = references_per_prompt(p.image, n_prompts, ndim)
+        negatives = references_per_prompt(p.negative_image, n_prompts, ndim)
+        if refs is None and adapter.config.image_feature != "none":
+            raise ValueError(f"this adapter ({adapter.config.variant}) needs a reference image")
+        faces = None
+        if p.face_id is not None:
+            faces = p.face_id.reshape(-1, p.face_id.shape[-1])
+            if faces.shape[0] not in (1, n_prompts):
+                raise ValueError(f"expected one face embedding, or one per prompt ({n_prompts}), found {faces.shape[0]}")
+        elif adapter.config.id_embed_dim:
+            raise ValueError(f"this adapter ({adapter.config.variant}) needs face_id: (512,) ArcFace embeddings")
+
+        def tokens(references) -> tuple[torch.Tensor, torch.Tensor]:
+            rows, seen = [], {}
+            for i in range(n_prompts):
+                ref = None if references is None else references[i]
+                neg = None if negatives is None else negatives[i]
+                face = None if faces is None else faces[min(i, faces.shape[0] - 1)]
+                # one reference shared by every prompt is encoded once
+                key = (id(ref), id(neg), None if face is None else min(i, faces.shape[0] - 1),
+                       i if p.content_embeds is not None else None)  # fmt: skip
+                if key not in seen:
+                    seen[key] = self._prompt_tokens(slot, ref, neg, face, p, i)
+                rows.append(seen[key])
+            if len({r[0].shape for r in rows}) > 1:
+                raise ValueError("with combine='concat' every prompt needs the same number of references; found "
+                                 f"token counts {[r[0].shape[1] for r in rows]}")  # fmt: skip
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+        mask = masks_tensor(p.mask, n_prompts)
+        if p.regions is not None:
+            return self._region_groups(slot, p, refs, n_prompts, cfg)
+        cond, uncond = tokens(refs)
+        names = adapter.layer_names
+        window = (float(p.start), float(p.end))
+        two_images = p.composition_image is not None
+        if two_images:
+            if p.preset not in ("style_and_composition", "strong_style_and_composition"):
+                raise ValueError("composition_image needs preset 'style_and_composition' or "
+                                 f"'strong_style_and_composition', found {p.preset!r}")  # fmt: skip
+            style_preset = "strong_style" if p.preset.startswith("strong") else "style"
+            style = layer_weights(names, p.scale, style_preset)
+            comp_scale = p.composition_scale if p.composition_scale is not None else p.scale
+            composition = layer_weights(names, comp_scale, "composition")
+            comp_cond, comp_uncond = tokens(references_per_prompt(p.composition_image, n_prompts, ndim))
+            return [TokenGroup(cond, uncond if cfg else None, style, window, mask),
+                    TokenGroup(comp_cond, comp_uncond if cfg else None, composition, window, mask)]  # fmt: skip
+        scales = layer_weights(names, p.scale, p.preset, p.composition_scale)
+        return [TokenGroup(cond, uncond if cfg else None, scales, window, mask)]
+
+    def _region_groups(self, slot: int, p: ImagePrompt, refs: list[list] | None, n_prompts: int,
+                       cfg: bool) -> list[TokenGroup]:  # fmt: skip
+        """Regional prompting: reference j of every prompt acts only inside regions[j] (times weights[j])."""
+        if p.mask is not None or p.composition_image is not None:
+            raise ValueError("regions (one mask per reference) cannot be combined with mask or composition_image")
+        regions = list(p.regions or [])
+        counts = {len(r) for r in refs or []}
+        if counts != {len(regions)}:
+            raise ValueError(f"regions need one mask per reference: {len(regions)} masks, references per prompt "
+                             f"{sorted(counts)}")  # fmt: skip
+        weights = list(p.weights) if p.weights is not None else [1.0] * len(regions)
+        if len(weights) != len(regions):
+            raise ValueError(f"expected one weight per reference ({len(regions)}), found {len(weights)}")
+        scales = layer_weights(self.adapters[slot].layer_names, p.scale, p.preset, p.composition_scale)
+        single = replace(p, regions=None, weights=None, combine="concat")
+        groups = []
+        for j, region in enumerate(regions):
+            single_j = replace(single, image=[[r[j]] for r in refs or []])
+            (group,) = self.groups(slot, single_j, n_prompts, cfg)
+            groups.append(replace(group, layer_scales=[s * weights[j] for s in scales], mask=masks_tensor(region, 1)))
+        return groups
+
+    # ---- running --------------------------------------------------------------------------------------------------
     def __call__(
         self,
-        image: ImageInput | Sequence[ImageInput] | None = None,
+        image: ImageInput | Sequence | None = None,
         prompt: str | list[str] = "",
-        scale: float | Sequence[float] = 1.0,
-        negative_image: ImageInput | Sequence[ImageInput] | None = None,
+        scale: float | Sequence[float] | Mapping = 1.0,
+        negative_image: ImageInput | Sequence | None = None,
         face_id: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         start: float = 0.0,
         end: float = 1.0,
-        **pipe_kwargs,
+        prompts: Sequence[ImagePrompt] | None = None,
+        **controls,
     ):
-        """Calls the pipeline with the image prompt.
+        """Calls the pipeline with the image prompt(s).
 
         Args:
-            image: one reference for every prompt, or one per prompt (per-sample references in one batch).
+            image: reference(s): one for every prompt, one per prompt, or lists of several (module docstring).
             prompt: text prompt(s); "" for image-only prompting.
-            scale: λ for every layer, or one per adapted layer.
+            scale: λ for every layer, one per adapted layer, or a diffusers block dict.
             negative_image: image(s) used as the unconditional image prompt instead of the empty one.
             face_id: (N, 512) ArcFace embeddings for FaceID adapters.
             guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
             num_images_per_prompt: images per prompt, passed to the pipeline.
             start: the image prompt acts from this fraction of the denoising schedule on ...
             end: ... up to this fraction (step i of N acts when start <= i/N and (i+1)/N <= end).
-            **pipe_kwargs: anything else the pipeline takes (negative_prompt, num_inference_steps, generator, ...).
+            prompts: one `ImagePrompt` per adapter (instead of the arguments above), for several adapters.
+            **controls: other `ImagePrompt` fields (preset, combine, weights, mask, prep, negative_noise,
+                composition_image, composition_scale, content_embeds, content_scale); everything else goes to
+                the pipeline (negative_prompt, num_inference_steps, generator, image, control_image, ...).
 
         Returns:
             the pipeline's output.
         """
+        fields = set(ImagePrompt.__dataclass_fields__)
+        prompt_controls = {k: controls.pop(k) for k in list(controls) if k in fields}
+        if prompts is None:
+            prompts = [ImagePrompt(image=image, scale=scale, negative_image=negative_image, face_id=face_id,
+                                   start=start, end=end, **prompt_controls)]  # fmt: skip
+        elif image is not None or negative_image is not None or face_id is not None or prompt_controls:
+            raise ValueError("pass either `prompts` (one ImagePrompt per adapter) or the single-adapter arguments")
+        if len(prompts) != len(self.adapters):
+            raise ValueError(f"expected one ImagePrompt per adapter ({len(self.adapters)}), found {len(prompts)}")
         if guidance_scale is None:
             guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        cond, uncond = self.tokens(_as_list(image), _as_list(negative_image), face_id)
-        if cond.shape[0] == 1 and len(prompts) > 1:
-            cond, uncond = cond.expand(len(prompts), -1, -1), uncond.expand(len(prompts), -1, -1)
-        if cond.shape[0] != len(prompts):
-            raise ValueError(f"expected one reference image or one per prompt ({len(prompts)}), found {cond.shape[0]}")
-        self.adapter.set_tokens(cond, uncond if self._uses_cfg(guidance_scale) else None)
-        self.adapter.set_scale(scale)
-        self.adapter.state.set_window(start, end)
-        hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cfg = self._uses_cfg(guidance_scale)
         try:
-            return self.pipe(
-                prompt=prompts if not isinstance(prompt, str) else prompt,
-                guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt,
-                **pipe_kwargs,
-            )
+            for slot, p in enumerate(prompts):
+                self.adapters[slot].state.set_groups(self.groups(slot, p, len(texts), cfg))
+            hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
+            try:
+                return self.pipe(
+                    prompt=prompt,
+                    guidance_scale=guidance_scale,
+                    num_images_per_prompt=num_images_per_prompt,
+                    **controls,
+                )
+            finally:
+                hook.remove()
         finally:
-            hook.remove()
-            self.adapter.state.clear()
-            self.adapter.state.progress = None
-            self.adapter.state.set_window()
+            for a in self.adapters:
+                a.state.clear()
+                a.state.progress = None
 
     def _track_step(self, module, args, kwargs) -> None:
-        """Before each UNet call: which step of the scheduler's full schedule this is (for the step window)."""
+        """Before each UNet call: which step of the scheduler's full schedule this is (for step windows)."""
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if t is None or timesteps is None or len(timesteps) == 0:
@@ -150,4 +386,6 @@ class ImagePrompter:
         t = torch.as_tensor(t).flatten()[0].to(timesteps.device, timesteps.dtype)
         match = (timesteps == t).nonzero()
         if len(match):
-            self.adapter.state.progress = (int(match[0, 0]), len(timesteps))
+            progress = (int(match[0, 0]), len(timesteps))
+            for a in self.adapters:
+                a.state.progress = progress

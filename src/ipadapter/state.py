@@ -1,20 +1,95 @@
-"""What an attached adapter feeds its attention layers at run time: image tokens, per-layer scales, a K/V cache.
+"""What an attached adapter feeds its attention layers at run time: image tokens, per-layer scales, masks, a cache.
 
 The UNet never sees image tokens in its `encoder_hidden_states`; the adapter's processors read them from here. So
 the text context is untouched (a ControlNet given the same prompt embeddings sees text only), and each adapter
 keeps its own tokens, scales and cache.
 
-Batch rule: `cond` holds N rows (one per prompt). A UNet batch of N*r rows gets each row repeated r times
+An adapter can carry several *token groups* at once. Each group is attended separately with the same query and
+added (eq. 5 with one term per group): a plain image prompt is one group; a style image and a composition image
+are two groups with different per-layer scales; regional prompts are groups with masks. A group's own layer scales
+and step window default to the adapter's (`set_scale`, `set_window`).
+
+Batch rule: a group's `cond` holds N rows (one per prompt). A UNet batch of N*r rows gets each row repeated r times
 (`num_images_per_prompt`, in diffusers' order p0,p0,p1,p1). When `uncond` is set, the UNet batch is a
 classifier-free-guidance batch: its first half gets `uncond`, its second half `cond`, as diffusers pipelines
-concatenate [negative, positive].
+concatenate [negative, positive]. Masks (N or 1 rows) follow the same rule, the same mask in both halves.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TokenGroup:
+    """One set of image tokens an adapter attends to, with where, when and how strongly it acts."""
+
+    cond: torch.Tensor  # (N, T, C) tokens of the positive branch, one row per prompt
+    uncond: torch.Tensor | None = None  # (N, T, C) tokens of the unconditional branch, or None (no CFG)
+    layer_scales: Sequence[float] | None = None  # λ per adapted layer; None: the adapter's
+    window: tuple[float, float] | None = None  # (start, end) fractions of the denoising; None: the adapter's
+    mask: torch.Tensor | None = None  # (N or 1, H, W) in [0, 1]: where in the image this group acts; None: everywhere
+
+    def __post_init__(self) -> None:
+        if self.cond.ndim != 3:
+            raise ValueError(f"image tokens must be (batch, tokens, dim), found shape {tuple(self.cond.shape)}")
+        if self.uncond is not None and self.uncond.shape != self.cond.shape:
+            raise ValueError(
+                f"unconditional tokens {tuple(self.uncond.shape)} must match conditional tokens {tuple(self.cond.shape)}"
+            )
+        if self.window is not None:
+            check_window(*self.window)
+        if self.mask is not None:
+            if self.mask.ndim != 3 or self.mask.shape[0] not in (1, self.cond.shape[0]):
+                raise ValueError(
+                    f"a mask must be (1 or {self.cond.shape[0]} prompts, height, width); found {tuple(self.mask.shape)}"
+                )
+
+
+def check_window(start: float, end: float) -> None:
+    if not 0 <= start <= end <= 1:
+        raise ValueError(f"expected 0 <= start <= end <= 1, found start={start}, end={end}")
+
+
+def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, cfg: bool) -> torch.Tensor:
+    """Expands per-prompt rows (N, ...) to a UNet batch of `batch_size` rows (see the module's batch rule)."""
+    n = rows.shape[0]
+    if not cfg:
+        if batch_size % n:
+            raise ValueError(f"UNet batch of {batch_size} rows does not divide into the {n} image prompts set")
+        return rows.repeat_interleave(batch_size // n, dim=0)
+    if batch_size % (2 * n):
+        raise ValueError(
+            f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}) for the {n} image prompts "
+            "set with unconditional tokens; set uncond=None when classifier-free guidance is off"
+        )
+    r = batch_size // (2 * n)
+    first = rows if uncond is None else uncond
+    return torch.cat([first.repeat_interleave(r, dim=0), rows.repeat_interleave(r, dim=0)])
+
+
+def mask_grid(height: int, width: int, num_queries: int) -> tuple[int, int]:
+    """The (h, w) latent grid of a layer with `num_queries` positions for an image of aspect width/height.
+
+    Same rule as diffusers' `IPAdapterMaskProcessor.downsample`, so masks act on the same positions."""
+    mask_h = int(math.sqrt(num_queries / (width / height)))
+    mask_h = mask_h + int(num_queries % mask_h != 0)
+    return mask_h, num_queries // mask_h
+
+
+def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(N, H, W) mask -> (N, num_queries, 1) weights for a layer's query positions (bicubic, as diffusers)."""
+    mask_h, mask_w = mask_grid(mask.shape[1], mask.shape[2], num_queries)
+    small = F.interpolate(mask[None].float(), size=(mask_h, mask_w), mode="bicubic").squeeze(0)  # (N, h, w)
+    flat = small.reshape(small.shape[0], -1)  # (N, h*w)
+    if flat.shape[1] < num_queries:  # aspect ratio of the mask differs from the image's: pad, as diffusers does
+        flat = F.pad(flat, (0, num_queries - flat.shape[1]), value=0.0)
+    return flat[:, :num_queries, None]
 
 
 class PromptState:
@@ -22,51 +97,78 @@ class PromptState:
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
-        self.cond: torch.Tensor | None = None  # (N, T, C) image tokens of the positive branch
-        self.uncond: torch.Tensor | None = None  # (N, T, C) tokens of the unconditional branch, or None (no CFG)
-        self.layer_scales: list[float] = [1.0] * num_layers  # λ of each adapted layer
+        self.groups: list[TokenGroup] = []  # what the adapter attends to; empty: nothing set
+        self.layer_scales: list[float] = [1.0] * num_layers  # λ of each adapted layer (groups without their own)
         self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
         self.progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, object] = {}
 
     # ---- tokens -------------------------------------------------------------------------------------------------
+    @property
+    def cond(self) -> torch.Tensor | None:
+        """The first group's conditional tokens (the whole image prompt when there is one group)."""
+        return self.groups[0].cond if self.groups else None
+
+    @property
+    def uncond(self) -> torch.Tensor | None:
+        return self.groups[0].uncond if self.groups else None
+
     def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
-        """Sets the image tokens; `uncond` marks every UNet batch as a CFG batch [uncond half, cond half]."""
-        if cond is not None and cond.ndim != 3:
-            raise ValueError(f"image tokens must be (batch, tokens, dim), found shape {tuple(cond.shape)}")
-        if uncond is not None:
-            if cond is None:
+        """One group of tokens; `uncond` marks every UNet batch as a CFG batch [uncond half, cond half]."""
+        if cond is None:
+            if uncond is not None:
                 raise ValueError("unconditional image tokens were given without conditional ones")
-            if uncond.shape != cond.shape:
-                raise ValueError(
-                    f"unconditional tokens {tuple(uncond.shape)} must match conditional tokens {tuple(cond.shape)}"
-                )
-        self.cond, self.uncond = cond, uncond
+            self.set_groups([])
+            return
+        self.set_groups([TokenGroup(cond, uncond)])
+
+    def set_groups(self, groups: Sequence[TokenGroup]) -> None:
+        """Several groups, attended separately and added; all with uncond or all without, and one batch size."""
+        groups = list(groups)
+        if groups:
+            if len({g.uncond is None for g in groups}) > 1:
+                raise ValueError("either every token group has unconditional tokens (CFG) or none has")
+            if len({g.cond.shape[0] for g in groups}) > 1:
+                raise ValueError(f"token groups disagree on the number of prompts: {[g.cond.shape[0] for g in groups]}")
+            for g in groups:
+                if g.layer_scales is not None and len(g.layer_scales) != self.num_layers:
+                    raise ValueError(
+                        f"expected one scale per adapted layer ({self.num_layers}), found {len(g.layer_scales)}"
+                    )
+        self.groups = groups
         self._cache.clear()
 
     def clear(self) -> None:
-        self.set_tokens(None)
+        self.set_groups([])
 
-    def tokens_for(self, batch_size: int) -> torch.Tensor:
-        """The (batch_size, T, C) tokens matching a UNet batch of `batch_size` rows (see module docstring)."""
-        if self.cond is None:
+    def _check_set(self) -> None:
+        if not self.groups:
             raise ValueError(
                 "no image prompt is set on this attached adapter: run the pipeline through ImagePrompter, or call "
                 "`adapter.set_tokens(...)` first; to run the plain model, `detach()` the adapter"
             )
-        n = self.cond.shape[0]
-        if self.uncond is None:
-            if batch_size % n:
-                raise ValueError(f"UNet batch of {batch_size} rows does not divide into the {n} image prompts set")
-            return self.cond.repeat_interleave(batch_size // n, dim=0)
-        if batch_size % (2 * n):
-            raise ValueError(
-                f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}) for the {n} image prompts "
-                "set with unconditional tokens; set uncond=None when classifier-free guidance is off"
-            )
-        r = batch_size // (2 * n)
-        return torch.cat([self.uncond.repeat_interleave(r, dim=0), self.cond.repeat_interleave(r, dim=0)])
+
+    def tokens_for(self, batch_size: int, group: int = 0) -> torch.Tensor:
+        """The (batch_size, T, C) tokens of `group` matching a UNet batch of `batch_size` rows."""
+        self._check_set()
+        g = self.groups[group]
+        return rows_for(g.cond, g.uncond, batch_size, cfg=g.uncond is not None)
+
+    def mask_for(self, group: int, batch_size: int, num_queries: int) -> torch.Tensor | None:
+        """(batch_size, num_queries, 1) weights of `group`'s mask at a layer with `num_queries` positions."""
+        g = self.groups[group]
+        if g.mask is None:
+            return None
+        key = ("mask", group, batch_size, num_queries)
+        found = self._cache.get(key)
+        if found is None:
+            small = downsample_mask(g.mask, num_queries)  # (N or 1, Q, 1)
+            if small.shape[0] == 1 and g.cond.shape[0] > 1:
+                small = small.expand(g.cond.shape[0], -1, -1)
+            found = rows_for(small, None, batch_size, cfg=g.uncond is not None)
+            self._cache[key] = found
+        return found  # type: ignore[return-value]
 
     # ---- scales -------------------------------------------------------------------------------------------------
     def set_scale(self, scale: float | Sequence[float]) -> None:
@@ -79,25 +181,32 @@ class PromptState:
             raise ValueError(f"expected one scale per adapted layer ({self.num_layers}), found {len(scales)}")
         self.layer_scales = scales
 
+    def scale_of(self, group: int, layer: int) -> float:
+        """λ of `group` at adapted layer `layer` now: 0 outside the group's step window."""
+        g = self.groups[group]
+        scales = self.layer_scales if g.layer_scales is None else g.layer_scales
+        if scales[layer] == 0 or not self.in_window(g.window):
+            return 0.0
+        return float(scales[layer])
+
     # ---- step window ------------------------------------------------------------------------------------------
     def set_window(self, start: float = 0.0, end: float = 1.0) -> None:
         """The adapter acts only on steps i (of N) with start <= i/N and (i+1)/N <= end."""
-        if not 0 <= start <= end <= 1:
-            raise ValueError(f"expected 0 <= start <= end <= 1, found start={start}, end={end}")
+        check_window(start, end)
         self.window = (float(start), float(end))
 
-    def in_window(self) -> bool:
-        if self.progress is None or self.window == (0.0, 1.0):
+    def in_window(self, window: tuple[float, float] | None = None) -> bool:
+        start, end = self.window if window is None else window
+        if self.progress is None or (start, end) == (0.0, 1.0):
             return True
         i, n = self.progress
-        start, end = self.window
         return start <= i / n and (i + 1) / n <= end
 
     # ---- key/value cache ----------------------------------------------------------------------------------------
     def cached(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
         if not self.use_cache or torch.is_grad_enabled():
             return None
-        return self._cache.get(key)
+        return self._cache.get(key)  # type: ignore[return-value]
 
     def store(self, key: tuple, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
         if self.use_cache and not torch.is_grad_enabled():

@@ -1,0 +1,202 @@
+"""Per-block image-prompt weights: named presets (style, composition, curves) and diffusers-style block dicts.
+
+Weights are set per *transformer* (a `Transformer2DModel`, e.g. `down_blocks.2.attentions.1`, whose depth blocks
+all share one weight), indexed in the order ComfyUI_IPAdapter_plus and sd-webui-controlnet use: input (down)
+blocks, then the middle block, then output (up) blocks. SD1.5 has 16 such transformers, SDXL 11; the result is one
+λ per adapted cross-attention layer, in the adapter's (official) layer order.
+
+Presets for SD1.5 and SDXL are the community's (ComfyUI_IPAdapter_plus `weight_type`; SDXL's style and composition
+layers are InstantStyle's `up_blocks.0.attentions.1` and `down_blocks.2.attentions.1`). Transformers a dict preset
+does not name get 0. Other UNets (e.g. the tiny world) get the structural analogue: composition = the transformers of
+the deepest down level, style = every transformer at the two highest resolutions (SD1.5's choice); these roles are
+measured, not assumed, on the tiny world (`benchmarks/block_roles.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+PRESETS = (
+    "linear",
+    "ease_in",
+    "ease_out",
+    "ease_in_out",
+    "reverse_in_out",
+    "weak_input",
+    "weak_output",
+    "weak_middle",
+    "strong_middle",
+    "style",
+    "composition",
+    "style_and_composition",
+    "strong_style",
+    "strong_style_and_composition",
+)
+
+_TRANSFORMER = re.compile(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.(\d+)|up_blocks\.(\d+)\.attentions\.(\d+))\.")
+
+
+def transformer_of(layer_name: str) -> tuple[str, tuple[int, int, int]]:
+    """"down_blocks.2.attentions.1.transformer_blocks.0.attn2" -> ("down_blocks.2.attentions.1", sort key)."""
+    match = _TRANSFORMER.match(layer_name + ".")
+    if match is None:
+        raise ValueError(f"expected a UNet cross-attention layer inside down_blocks/mid_block/up_blocks, found {layer_name!r}")
+    if match.group(2) is not None:
+        key = (0, int(match.group(2)), int(match.group(3)))
+    elif match.group(4) is not None:
+        key = (1, 0, int(match.group(4)))
+    else:
+        key = (2, int(match.group(5)), int(match.group(6)))
+    return match.group(1), key
+
+
+def transformers(layer_names: Sequence[str]) -> list[str]:
+    """The distinct transformers of the adapted layers, in input -> middle -> output order (the t index)."""
+    found = {}
+    for name in layer_names:
+        transformer, key = transformer_of(name)
+        found[transformer] = key
+    return sorted(found, key=found.__getitem__)
+
+
+def family(layer_names: Sequence[str]) -> str:
+    """"sd15" (16 layers in 16 transformers), "sdxl" (70 layers in 11 transformers) or "generic"."""
+    count = len(transformers(layer_names))
+    if len(layer_names) == 16 and count == 16:
+        return "sd15"
+    if len(layer_names) == 70 and count == 11:
+        return "sdxl"
+    return "generic"
+
+
+def _role_indices(names: list[str], fam: str) -> tuple[list[int], list[int], int]:
+    """(style t indices, composition t indices, middle t index or -1) of the transformers `names`."""
+    if fam == "sdxl":
+        return [6], [3], 4
+    if fam == "sd15":
+        return [0, 1, 2, 3, *range(9, 16)], [4, 5], 6
+    keys = [transformer_of(n + ".x")[1] for n in names]
+    down = [t for t, k in enumerate(keys) if k[0] == 0]
+    middle = next((t for t, k in enumerate(keys) if k[0] == 1), -1)
+    deepest = max(keys[t][1] for t in down) if down else None
+    composition = [t for t in down if keys[t][1] == deepest]
+    up_levels = sorted({k[1] for k in keys if k[0] == 2})
+    high_up = set(up_levels[-2:])  # the two highest-resolution up levels
+    high_down = {lvl for lvl in sorted({keys[t][1] for t in down})[:2]}  # the two highest-resolution down levels
+    style = [t for t, k in enumerate(keys) if (k[0] == 0 and k[1] in high_down and t not in composition)
+             or (k[0] == 2 and k[1] in high_up)]  # fmt: skip
+    return style, composition, middle
+
+
+def preset_weights(
+    layer_names: Sequence[str], preset: str, weight: float = 1.0, composition_weight: float | None = None
+) -> list[float]:
+    """λ per adapted layer for a named preset.
+
+    Args:
+        layer_names: the adapter's cross-attention layer names, in its layer order.
+        preset: one of PRESETS.
+        weight: the overall weight (the style weight for style presets).
+        composition_weight: the composition weight of "style_and_composition" presets (default: `weight`).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    names = transformers(layer_names)
+    fam = family(layer_names)
+    count = len(names)
+    wc = weight if composition_weight is None else composition_weight
+    per_t = [0.0] * count
+    kinds = [transformer_of(n + ".x")[1][0] for n in names]  # 0 input, 1 middle, 2 output
+    style, composition, middle = _role_indices(names, fam)
+    if preset == "linear":
+        per_t = [weight] * count
+    elif preset in ("ease_in", "ease_out", "ease_in_out", "reverse_in_out"):
+        half = count / 2
+        curve = {
+            "ease_in": lambda t: 0.05 + 0.95 * (1 - t / count),
+            "ease_out": lambda t: 0.05 + 0.95 * (t / count),
+            "ease_in_out": lambda t: 0.05 + 0.95 * (1 - abs(t - half) / half),
+            "reverse_in_out": lambda t: 0.05 + 0.95 * (abs(t - half) / half),
+        }[preset]
+        per_t = [weight * curve(t) for t in range(count)]
+    elif preset.startswith(("weak_", "strong_middle")):
+        weak = {"weak_input": (0,), "weak_output": (2,), "weak_middle": (1,), "strong_middle": (0, 2)}[preset]
+        per_t = [weight * (0.2 if kind in weak else 1.0) for kind in kinds]
+    elif preset == "style":
+        for t in style:
+            per_t[t] = weight
+    elif preset == "composition":
+        for t in composition:
+            per_t[t] = wc
+        if fam == "sd15" or (fam == "generic" and len(composition) > 1):
+            per_t[composition[0]] = 0.25 * wc  # SD1.5: down_blocks.2.attentions.0 at a quarter
+    elif preset == "style_and_composition":
+        for t in style:
+            per_t[t] = weight
+        for t in composition:
+            per_t[t] = wc
+        if fam == "sd15" or (fam == "generic" and len(composition) > 1):
+            per_t[composition[0]] = 0.25 * wc
+    elif preset in ("strong_style", "strong_style_and_composition"):
+        per_t = [weight] * count
+        for t in composition:
+            per_t[t] = wc if preset == "strong_style_and_composition" else 0.0
+    weights_by_name = dict(zip(names, per_t))
+    return [weights_by_name[transformer_of(n)[0]] for n in layer_names]
+
+
+def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[float]:
+    """λ per adapted layer from a diffusers `set_ip_adapter_scale` dict, e.g.
+    {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}} (unnamed transformers get 0).
+
+    "down"/"up" take a number (every block) or {"block_i": number or one number per transformer of block i};
+    "mid" takes a number (or a one-element list)."""
+    unknown = set(scales) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"block weights take the keys 'down', 'mid', 'up'; found {sorted(unknown)}")
+    result = []
+    for name in layer_names:
+        transformer, (kind, block, index) = transformer_of(name)
+        part = scales.get(("down", "mid", "up")[kind], 0.0)
+        if kind == 1:
+            if isinstance(part, (list, tuple)):
+                if len(part) != 1:
+                    raise ValueError(f"expected 1 scale for mid, found {len(part)}")
+                part = part[0]
+            result.append(float(part))
+            continue
+        if not isinstance(part, Mapping):
+            result.append(float(part))
+            continue
+        value = part.get(f"block_{block}", 0.0)
+        if isinstance(value, (list, tuple)):
+            if index >= len(value):
+                raise ValueError(
+                    f"{('down', 'mid', 'up')[kind]}.block_{block} has more transformers than the {len(value)} "
+                    f"scales given ({transformer})"
+                )
+            value = value[index]
+        result.append(float(value))
+    return result
+
+
+def layer_weights(
+    layer_names: Sequence[str],
+    scale: float | Sequence[float] | Mapping = 1.0,
+    preset: str | None = None,
+    composition_scale: float | None = None,
+) -> list[float]:
+    """λ per adapted layer from a number, a per-layer list, a diffusers block dict, or a preset (times `scale`)."""
+    if preset is not None:
+        if not isinstance(scale, (int, float)):
+            raise ValueError(f"a preset takes one number as scale, found {type(scale).__name__}")
+        return preset_weights(layer_names, preset, float(scale), composition_scale)
+    if isinstance(scale, Mapping):
+        return block_dict_weights(layer_names, scale)
+    if isinstance(scale, (int, float)):
+        return [float(scale)] * len(layer_names)
+    scales = [float(s) for s in scale]
+    if len(scales) != len(layer_names):
+        raise ValueError(f"expected one scale per adapted layer ({len(layer_names)}), found {len(scales)}")
+    return scales

@@ -1,0 +1,60 @@
+"""Saving and loading precomputed image-prompt embeddings (encoder features) as safetensors.
+
+What is stored is the frozen image encoder's output (pooled `image_embeds` or penultimate hidden states), before
+any adapter projection, so one file serves every adapter that reads the same encoder and feature. The header
+records which encoder and feature produced it; loading checks that against the adapter that will use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_tensors
+from .config import AdapterConfig, image_encoder_name
+
+FORMAT = "ipadapter-embeds/1"
+
+
+def save_embeds(path: str | os.PathLike, features: torch.Tensor, feature: str, encoder: str = "") -> None:
+    """Writes features (K, D) or (K, N, D) of K references; `encoder` names the image encoder (folder or hub id)."""
+    from safetensors.torch import save_file
+
+    if feature not in ("pooled", "penultimate"):
+        raise ValueError(f"feature must be 'pooled' or 'penultimate', found {feature!r}")
+    expected_ndim = 2 if feature == "pooled" else 3
+    if features.ndim != expected_ndim:
+        raise ValueError(f"{feature} features must have {expected_ndim} axes, found shape {tuple(features.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "feature": feature, "encoder": encoder, "width": str(features.shape[-1])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_embeds(path: str | os.PathLike, config: AdapterConfig | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """Reads features and their header; with `config`, checks they are what that adapter reads.
+
+    Raises:
+        FileNotFoundError / ValueError: a missing or unreadable file, not an embeddings file, or features from
+            another feature kind or encoder width than the adapter's.
+    """
+    path = Path(path)
+    tensors, meta = read_tensors(path)  # clear errors for missing / corrupt files
+    if meta.get("format") != FORMAT or "features" not in tensors:
+        raise ValueError(f"{path} is not an image-prompt embeddings file (expected format {FORMAT}, found "
+                         f"{meta.get('format')!r} with tensors {sorted(tensors)[:4]})")  # fmt: skip
+    features = tensors["features"]
+    if config is not None:
+        if config.image_feature != meta["feature"] or config.image_embed_dim != features.shape[-1]:
+            raise ValueError(
+                f"{path} holds {features.shape[-1]}-d {meta['feature']} features "
+                f"({image_encoder_name(meta['feature'], features.shape[-1])}, encoder {meta.get('encoder') or '?'}); "
+                f"this adapter ({config.variant}) reads {config.image_embed_dim}-d {config.image_feature} features "
+                f"({config.image_encoder_name})"
+            )
+    return features, dict(meta)

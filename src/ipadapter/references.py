@@ -1,0 +1,49 @@
+"""Preparing reference images for the square input of a CLIP image encoder.
+
+CLIP's own processor resizes the short side and centre-crops, which cuts off the sides of wide references. The
+official README suggests squashing to the square instead; padding keeps everything at a smaller scale; tiles encode
+a large or wide reference as several square crops whose tokens are used together (concat) or averaged.
+"""
+
+from __future__ import annotations
+
+from PIL import Image, ImageOps
+
+PREP_MODES = ("center_crop", "pad", "squash", "tiles")
+
+
+def prepare(image: Image.Image, mode: str = "center_crop", size: int = 224, pad_color: tuple[int, int, int] = (0, 0, 0),
+            tile_grid: int | None = None) -> list[Image.Image]:  # fmt: skip
+    """The square image(s) of side `size` that stand for `image`: one, or several for "tiles".
+
+    center_crop: the central square, then resized (CLIPImageProcessor's result for the same size).
+    pad: the whole image centred on a square of `pad_color`.
+    squash: the whole image resized to the square, aspect ratio not kept.
+    tiles: square crops covering the image: along the long side as many as its aspect ratio needs (at least 2),
+      or a `tile_grid` x `tile_grid` grid of crops of the central square when given.
+    """
+    if mode not in PREP_MODES:
+        raise ValueError(f"unknown reference preparation {mode!r}; expected one of {', '.join(PREP_MODES)}")
+    image = image.convert("RGB")
+    w, h = image.size
+    resample = Image.Resampling.BICUBIC
+    if mode == "squash":
+        return [image.resize((size, size), resample)]
+    if mode == "pad":
+        return [ImageOps.pad(image, (size, size), method=resample, color=pad_color)]
+    if mode == "center_crop":
+        return [ImageOps.fit(image, (size, size), method=resample)]
+    if tile_grid is not None:
+        if tile_grid < 1:
+            raise ValueError(f"tile_grid must be >= 1, found {tile_grid}")
+        side = min(w, h)
+        square = ImageOps.fit(image, (side, side), method=resample)
+        step = side / tile_grid
+        return [square.crop((round(i * step), round(j * step), round((i + 1) * step), round((j + 1) * step)))
+                .resize((size, size), resample) for j in range(tile_grid) for i in range(tile_grid)]  # fmt: skip
+    side = min(w, h)
+    count = max(2, round(max(w, h) / side))
+    long = max(w, h)
+    starts = [round(k * (long - side) / (count - 1)) for k in range(count)]  # evenly spaced, overlapping if needed
+    boxes = [(s, 0, s + side, side) if w >= h else (0, s, side, s + side) for s in starts]
+    return [image.crop(box).resize((size, size), resample) for box in boxes]

@@ -1,0 +1,227 @@
+"""Generation controls on a whole pipeline: parity with diffusers where it has the control, and the exact
+properties each control promises (a zero mask is no adapter, batch items keep their own references, ...)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import make_sd_folder
+
+from ipadapter import IPAdapter, ImageEncoder
+from ipadapter.prompter import ImagePrompt, ImagePrompter
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    root = tmp_path_factory.mktemp("controls")
+    base, encoder_folder = make_sd_folder(root)
+
+    def pipeline(with_encoder: bool):
+        extra = {}
+        if with_encoder:  # diffusers' built-in IP-Adapter path (its unload removes the encoder: one per test)
+            extra = {"image_encoder": CLIPVisionModelWithProjection.from_pretrained(encoder_folder),
+                     "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 28},
+                                                             crop_size={"height": 28, "width": 28})}  # fmt: skip
+        p = StableDiffusionPipeline.from_pretrained(base, **extra)
+        p.scheduler = DDIMScheduler.from_config(p.scheduler.config)
+        p.set_progress_bar_config(disable=True)
+        return p
+
+    ours, theirs = pipeline(False), lambda: pipeline(True)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    adapters = {}
+    for variant in ("base", "plus"):
+        torch.manual_seed(1 if variant == "base" else 2)
+        adapter = IPAdapter.for_unet(ours.unet, variant, image_embed_dim=encoder.feature_dim(
+            "pooled" if variant == "base" else "penultimate"))
+        with torch.no_grad():
+            for param in adapter.parameters():
+                param.add_(0.2 * torch.randn_like(param))
+        adapter.save(root / f"{variant}.bin", layout="official")
+        adapters[variant] = root / f"{variant}.bin"
+    return ours, theirs, encoder, adapters
+
+
+def _refs():
+    a = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    b = Image.linear_gradient("L").resize((32, 32)).convert("RGB")
+    c = Image.radial_gradient("L").resize((32, 32)).convert("RGB")
+    return a, b, c
+
+
+def _run(pipe, seed=1, **kwargs):
+    kwargs.setdefault("prompt", "")
+    return pipe(num_inference_steps=STEPS, output_type="np", generator=torch.Generator("cpu").manual_seed(seed),
+                **kwargs).images  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_block_dicts_several_images_and_masks_match_diffusers(setup, variant):
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    ours, make_theirs, encoder, adapters = setup
+    theirs = make_theirs()
+    theirs.load_ip_adapter(str(adapters[variant].parent), subfolder="", weight_name=adapters[variant].name,
+                           image_encoder_folder=None)  # fmt: skip
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters[variant]), encoder)
+    a, b, _ = _refs()
+    try:
+        blocks = {"down": {"block_1": [0.0, 1.0]}, "up": {"block_2": [0.5, 0.0, 1.0]}}
+        theirs.set_ip_adapter_scale(blocks)
+        expected = _run(theirs, ip_adapter_image=a)
+        found = _run(prompter, image=a, scale=blocks)
+        assert abs(expected - found).max() <= 1e-5
+
+        theirs.set_ip_adapter_scale(0.8)
+        expected = _run(theirs, ip_adapter_image=[[a, b]])  # two images for one adapter: tokens concatenated
+        found = _run(prompter, image=[a, b], scale=0.8)
+        assert abs(expected - found).max() <= 1e-5
+
+        left = np.zeros((16, 16), np.uint8)
+        left[:, :8] = 255
+        masks = IPAdapterMaskProcessor().preprocess([Image.fromarray(left), Image.fromarray(255 - left)], height=16, width=16)
+        expected = _run(theirs, ip_adapter_image=[[a, b]],
+                        cross_attention_kwargs={"ip_adapter_masks": [masks.reshape(1, 2, 16, 16)]})  # fmt: skip
+        found = _run(prompter, image=[a, b], scale=0.8, regions=[masks[0, 0], masks[1, 0]])
+        assert abs(expected - found).max() <= 1e-5
+        single = _run(prompter, image=a, scale=0.8, mask=masks[0, 0])
+        assert abs(single - found).max() > 1e-4  # the second region really acted
+    finally:
+        prompter.detach()
+
+
+def test_zero_mask_is_no_adapter_and_full_mask_is_no_mask(setup):
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    plain = _run(ours)
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        unmasked = _run(prompter, image=a)
+        assert abs(_run(prompter, image=a, mask=torch.zeros(16, 16)) - plain).max() <= 1e-6
+        assert abs(_run(prompter, image=a, mask=torch.ones(16, 16)) - unmasked).max() <= 1e-6
+        assert abs(unmasked - plain).max() > 1e-3
+        with pytest.raises(ValueError, match=r"mask values must be in \[0, 1\], found \[0.0, 255.0\]"):
+            _run(prompter, image=a, mask=torch.full((16, 16), 255.0).index_fill_(0, torch.tensor([0]), 0.0))
+    finally:
+        prompter.detach()
+
+
+def test_batch_items_keep_their_own_references(setup):
+    """diffusers issue #9813: per-sample references in one batch must not mix."""
+    ours, _, encoder, adapters = setup
+    a, b, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["plus"]), encoder)
+    try:
+        gens = [torch.Generator("cpu").manual_seed(5), torch.Generator("cpu").manual_seed(6)]
+        batch = ours_batch = prompter(image=[a, b], prompt=["", ""], num_inference_steps=STEPS, output_type="np",
+                                      generator=gens).images  # fmt: skip
+        alone_a = _run(prompter, seed=5, image=a)
+        alone_b = _run(prompter, seed=6, image=b)
+        assert abs(batch[0] - alone_a[0]).max() <= 1e-5 and abs(ours_batch[1] - alone_b[0]).max() <= 1e-5
+        swapped = prompter(image=[b, a], prompt=["", ""], num_inference_steps=STEPS, output_type="np",
+                           generator=[torch.Generator("cpu").manual_seed(5), torch.Generator("cpu").manual_seed(6)]).images
+        assert abs(swapped[0] - batch[0]).max() > 1e-3
+    finally:
+        prompter.detach()
+
+
+def test_two_adapters_at_once_each_with_its_own_prompt(setup):
+    ours, _, encoder, adapters = setup
+    a, b, _ = _refs()
+    only_base = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    expected = _run(only_base, image=a, scale=0.7)
+    only_base.detach()
+    both = ImagePrompter(ours, [IPAdapter.from_file(adapters["base"]), IPAdapter.from_file(adapters["plus"])],
+                         [encoder, encoder])  # fmt: skip
+    try:
+        off = _run(both, prompts=[ImagePrompt(image=a, scale=0.7), ImagePrompt(image=b, scale=0.0)])
+        assert abs(off - expected).max() <= 1e-6
+        on = _run(both, prompts=[ImagePrompt(image=a, scale=0.7), ImagePrompt(image=b, scale=0.7)])
+        assert abs(on - expected).max() > 1e-3
+        with pytest.raises(ValueError, match=r"one ImagePrompt per adapter \(2\), found 1"):
+            _run(both, prompts=[ImagePrompt(image=a)])
+    finally:
+        both.detach()
+
+
+def test_composition_image_equal_to_the_style_image_is_the_single_image_preset(setup):
+    ours, _, encoder, adapters = setup
+    a, b, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        single = _run(prompter, image=a, preset="style_and_composition", scale=0.9, composition_scale=0.6)
+        two = _run(prompter, image=a, composition_image=a, preset="style_and_composition", scale=0.9,
+                   composition_scale=0.6)  # fmt: skip
+        assert abs(single - two).max() <= 1e-5
+        other = _run(prompter, image=a, composition_image=b, preset="style_and_composition", scale=0.9,
+                     composition_scale=0.6)  # fmt: skip
+        assert abs(other - single).max() > 1e-4
+        with pytest.raises(ValueError, match="composition_image needs preset 'style_and_composition'"):
+            _run(prompter, image=a, composition_image=b, preset="style")
+    finally:
+        prompter.detach()
+
+
+def test_combine_modes_and_weights(setup):
+    ours, _, encoder, adapters = setup
+    a, b, c = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        fa, fb = prompter.features([a]), prompter.features([b])
+        averaged_features = (fa + fb) / 2
+        assert abs(_run(prompter, image=[a, b], combine="average") - _run(prompter, image=averaged_features[0])).max() <= 1e-5
+        weighted = _run(prompter, image=[a, b], combine="add", weights=[0.25, 0.75])
+        assert abs(weighted - _run(prompter, image=(0.25 * fa + 0.75 * fb)[0])).max() <= 1e-5
+        sub = _run(prompter, image=[a, b, c], combine="subtract")
+        fc = prompter.features([c])
+        assert abs(sub - _run(prompter, image=(fa - (fb + fc) / 2)[0])).max() <= 1e-5
+        with pytest.raises(ValueError, match="unknown combine mode 'mean'"):
+            _run(prompter, image=[a, b], combine="mean")
+        with pytest.raises(ValueError, match=r"one weight per reference image \(2\), found 3"):
+            _run(prompter, image=[a, b], combine="average", weights=[1, 1, 1])
+    finally:
+        prompter.detach()
+
+
+def test_negative_images_and_noised_references_change_only_the_unconditional_branch(setup):
+    ours, _, encoder, adapters = setup
+    a, b, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        base = _run(prompter, image=a)
+        negative = _run(prompter, image=a, negative_image=b)
+        noised = _run(prompter, image=a, negative_noise=0.5)
+        assert abs(base - negative).max() > 1e-4 and abs(base - noised).max() > 1e-4
+        # without guidance there is no unconditional branch: negatives change nothing
+        assert abs(_run(prompter, image=a, guidance_scale=1.0) - _run(prompter, image=a, negative_image=b,
+                                                                         guidance_scale=1.0)).max() == 0  # fmt: skip
+    finally:
+        prompter.detach()
+
+
+def test_instantstyle_content_subtraction_removes_a_text_embedding(setup):
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        content = torch.randn(encoder.pooled_dim, generator=torch.Generator().manual_seed(0))
+        found = _run(prompter, image=a, content_embeds=content, content_scale=0.5)
+        expected = _run(prompter, image=(prompter.features([a])[0] - 0.5 * content))
+        assert abs(found - expected).max() <= 1e-5
+        with pytest.raises(ValueError, match="content embedding is 3-d; the image embeddings are"):
+            _run(prompter, image=a, content_embeds=torch.ones(3))
+    finally:
+        prompter.detach()
+    plus = ImagePrompter(ours, IPAdapter.from_file(adapters["plus"]), encoder)
+    try:
+        with pytest.raises(ValueError, match="works on global image embeddings only"):
+            _run(plus, image=a, content_embeds=torch.ones(encoder.pooled_dim))
+    finally:
+        plus.detach()
