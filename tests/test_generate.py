@@ -69,3 +69,80 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_controlnet_sees_text_only_and_gives_diffusers_pixels(setup, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    root, base, encoder = setup
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"),
+                                           conditioning_embedding_out_channels=(8, 16))  # 16 px -> 8x8 latents
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # zero convolutions would make the ControlNet a no-op
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    control = np.zeros((16, 16, 3), np.uint8)
+    control[4:12, 2:8] = 255
+    Image.fromarray(control).save(tmp_path / "control.png")
+    args = ["generate", "--image", str(root / "ref.png"), "--prompt", "a red shape", "--scale", "0.6", "--steps", "3",
+            "--seed", "2", "--base", base, "--adapter", str(root / "ip-adapter.safetensors"), "--image-encoder", encoder,
+            "--controlnet", str(tmp_path / "controlnet"), "--control-image", str(tmp_path / "control.png"),
+            "--controlnet-scale", "0.8", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        base, controlnet=ControlNetModel.from_pretrained(tmp_path / "controlnet"),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+    )
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.6)
+    theirs = pipe(prompt="a red shape", image=Image.open(tmp_path / "control.png"),
+                  ip_adapter_image=Image.open(root / "ref.png"), num_inference_steps=3, controlnet_conditioning_scale=0.8,
+                  generator=torch.Generator("cpu").manual_seed(2)).images[0]  # fmt: skip
+    ours = np.asarray(Image.open(tmp_path / "out" / "000002-000.png")).astype(int)
+    assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 1
+    assert read_parameters(tmp_path / "out" / "000002-000.png")["controlnet"] == str(tmp_path / "controlnet")
+
+
+def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(setup, tmp_path):
+    root, base, encoder = setup
+    Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(tmp_path / "ref2.png")
+    common = ["--steps", "3", "--seed", "1", "--base", base, "--adapter", str(root / "ip-adapter.safetensors"),
+              "--image-encoder", encoder]  # fmt: skip
+    refs = ["--image", str(root / "ref.png"), str(tmp_path / "ref2.png"), "--combine", "average", "--weights", "0.3", "0.7"]
+    assert main(["generate", *refs, *common, "--save-embeds", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["generate", "--embeds", str(tmp_path / "e.safetensors"), "--combine", "average", "--weights", "0.3",
+                 "0.7", *common, "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    a = np.asarray(Image.open(tmp_path / "a" / "000001-000.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b" / "000001-000.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
+    mask = np.zeros((16, 16), np.uint8)
+    Image.fromarray(mask).save(tmp_path / "black.png")
+    assert main(["generate", *refs, *common, "--mask", str(tmp_path / "black.png"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["generate", *refs, *common, "--scale", "0", "--out", str(tmp_path / "z")]) == 0
+    masked = np.asarray(Image.open(tmp_path / "m" / "000001-000.png")).astype(int)
+    no_adapter = np.asarray(Image.open(tmp_path / "z" / "000001-000.png")).astype(int)
+    assert np.abs(masked - no_adapter).max() <= 1 and np.abs(masked - a).max() > 2  # a black mask = no adapter
+    assert main(["generate", *refs, *common, "--preset", "style", "--out", str(tmp_path / "s")]) == 0
+    params = read_parameters(tmp_path / "s" / "000001-000.png")
+    assert params["preset"] == "style" and params["weights"] == [0.3, 0.7] and params["combine"] == "average"
+
+
+def test_bad_control_inputs_are_named(setup, tmp_path, capsys):
+    import re
+
+    root, base, _ = setup
+    ref = ["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors")]
+    cases = [
+        ([*ref, "--preset", "stlye"], "unknown --preset 'stlye'; expected one of linear"),
+        ([*ref, "--controlnet", str(tmp_path)], "--controlnet and --control-image go together"),
+        ([*ref, "--mask", str(tmp_path / "nomask.png")], "image not found: .*nomask.png"),
+        ([*ref, "--weights", "1", "2"], r"one --weights value per reference image \(1\), found 2"),
+        ([*ref, "--face-id", str(tmp_path / "face.npy")], "not found: .*face.npy"),
+        ([*ref, "--combine", "mean"], "unknown --combine 'mean'"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
+        assert re.search(message, capsys.readouterr().err), message

@@ -41,16 +41,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from .generate import GenerateConfig, generate
 
-    cfg = GenerateConfig(
-        images=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        negative_images=args.negative_image or [], scale=args.scale, start=args.start, end=args.end, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, num_images=args.num_images, base=args.base, adapter=args.adapter,
-        image_encoder=args.image_encoder, init_image=args.init_image, strength=args.strength, out=args.out,
-        device=args.device,
-    )
-    for path in generate(cfg):
+    values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig) if getattr(args, f.name, None) is not None}
+    for path in generate(GenerateConfig(**values)):
         print(path)
     return 0
 
@@ -71,24 +67,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate images from reference image(s) and an optional text prompt")
-    p.add_argument("--image", nargs="+", required=True, metavar="REF", help="reference image file(s)")
-    p.add_argument("--prompt", default="", help='text prompt (default: "" = image-only prompting)')
-    p.add_argument("--negative-prompt", default="", help="negative text prompt (default: empty)")
-    p.add_argument("--negative-image", nargs="+", metavar="IMG", help="image(s) used as the unconditional image prompt")
-    p.add_argument("--scale", type=float, default=1.0, help="image prompt weight (default: 1.0)")
-    p.add_argument("--start", type=float, default=0.0, help="image prompt active from this fraction of the steps (0)")
-    p.add_argument("--end", type=float, default=1.0, help="image prompt active up to this fraction of the steps (1)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the pipeline's)")
-    p.add_argument("--seed", type=int, default=0, help='seed of torch.Generator("cpu") (default: 0)')
-    p.add_argument("--num-images", type=int, default=1, help="images per reference (default: 1)")
-    p.add_argument("--base", default="tinyworld", help="diffusers folder, checkpoint file or hub id (default: tinyworld)")
-    p.add_argument("--adapter", default="tinyworld-base", help="IP-Adapter file (default: tinyworld-base)")
-    p.add_argument("--image-encoder", default="", help="CLIP image encoder folder or hub id (default: the base's)")
-    p.add_argument("--init-image", default="", help="image-to-image: the starting image")
-    p.add_argument("--strength", type=float, default=0.6, help="image-to-image strength (default: 0.6)")
-    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--image", dest="images", nargs="+", metavar="REF", help="reference image file(s), combined into one image prompt")
+    p.add_argument("--embeds", help="saved reference embeddings (.safetensors from --save-embeds) instead of --image")
+    p.add_argument("--save-embeds", help="also write the references' encoder features to this .safetensors file")
+    p.add_argument("--combine", help="several references: concat (default), average, norm_average, add, subtract")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per reference image")
+    p.add_argument("--prep", help="reference preparation: center_crop (default), pad, squash, tiles")
+    p.add_argument("--prompt", help='text prompt (default: "" = image-only prompting)')
+    p.add_argument("--negative-prompt", help="negative text prompt (default: empty)")
+    p.add_argument("--negative-image", dest="negative_images", nargs="+", metavar="IMG",
+                   help="image(s) used as the unconditional image prompt")
+    p.add_argument("--negative-noise", type=float, help="unconditional image = the reference with this much noise (0-1)")
+    p.add_argument("--scale", type=float, help="image prompt weight (default: 1.0)")
+    p.add_argument("--preset", help="per-block preset: style, composition, style_and_composition, strong_style, "
+                                    "strong_style_and_composition, ease_in, ease_out, ease_in_out, reverse_in_out, "
+                                    "weak_input, weak_output, weak_middle, strong_middle, linear")  # fmt: skip
+    p.add_argument("--composition-scale", type=float, help="composition weight of style_and_composition presets")
+    p.add_argument("--composition-image", help="style_and_composition with two images: the layout reference")
+    p.add_argument("--mask", help="mask image: the image prompt acts only where it is white")
+    p.add_argument("--start", type=float, help="image prompt active from this fraction of the steps (0)")
+    p.add_argument("--end", type=float, help="image prompt active up to this fraction of the steps (1)")
+    p.add_argument("--face-id", help="FaceID: .npy / .safetensors file with 512-d ArcFace embeddings")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--seed", type=int, help='seed of torch.Generator("cpu") (default: 0)')
+    p.add_argument("--num-images", type=int, help="images to generate (default: 1)")
+    p.add_argument("--base", help="diffusers folder, checkpoint file or hub id (default: tinyworld)")
+    p.add_argument("--adapter", help="IP-Adapter file (default: tinyworld-base; also tinyworld-plus)")
+    p.add_argument("--image-encoder", help="CLIP image encoder folder or hub id (default: the base's)")
+    p.add_argument("--init-image", help="image-to-image: the starting image")
+    p.add_argument("--strength", type=float, help="image-to-image strength (default: 0.6)")
+    p.add_argument("--inpaint-mask", help="inpainting (with --init-image): white where the image is repainted")
+    p.add_argument("--controlnet", help="ControlNet folder or hub id (sees the text prompt only)")
+    p.add_argument("--control-image", help="the ControlNet's condition image")
+    p.add_argument("--controlnet-scale", type=float, help="controlnet_conditioning_scale (default: 1.0)")
+    p.add_argument("--out", help="output folder (default: outputs)")
+    p.add_argument("--device", help="torch device (default: cpu)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="write a labelled PNG grid from the embedded tiny world (offline, CPU, seconds)")

@@ -21,11 +21,22 @@ from .images import load_image
 class GenerateConfig:
     """One `ipadapter generate` call."""
 
-    images: list[str] = field(default_factory=list)  # reference image files (one for all prompts, or one per image)
+    images: list[str] = field(default_factory=list)  # reference image files, combined into one image prompt
+    embeds: str = ""  # precomputed reference features (ipadapter embeddings .safetensors) instead of --image
+    save_embeds: str = ""  # write the references' encoder features here (reusable with --embeds)
+    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
+    weights: list[float] = field(default_factory=list)  # one weight per reference
+    prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
     prompt: str = ""  # text prompt ("" = image-only prompting)
     negative_prompt: str = ""  # negative text prompt (default empty, as diffusers)
     negative_images: list[str] = field(default_factory=list)  # images used as the unconditional image prompt
     scale: float = 1.0  # image prompt weight lambda
+    preset: str = ""  # per-block preset: style, composition, style_and_composition, ease_in, ... (blocks.PRESETS)
+    composition_scale: float | None = None  # composition weight of style_and_composition presets
+    composition_image: str = ""  # style_and_composition with two images: the layout reference
+    mask: str = ""  # mask image: the image prompt acts only where it is white
+    negative_noise: float = 0.0  # > 0: the unconditional image prompt is the reference with this much noise
+    face_id: str = ""  # FaceID adapters: a .safetensors / .npy file with (512,) or (N, 512) ArcFace embeddings
     start: float = 0.0  # the image prompt acts from this fraction of the denoising ...
     end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
@@ -37,6 +48,10 @@ class GenerateConfig:
     image_encoder: str = ""  # CLIP image encoder folder or hub id (default: the base's image_encoder/)
     init_image: str = ""  # image-to-image: the starting image
     strength: float = 0.6  # image-to-image: how much of the starting image is replaced
+    inpaint_mask: str = ""  # inpainting (with init_image): white where the image is repainted
+    controlnet: str = ""  # ControlNet folder or hub id (it sees the text tokens only)
+    control_image: str = ""  # the ControlNet's condition image
+    controlnet_scale: float = 1.0  # controlnet_conditioning_scale
     out: str = "outputs"  # output folder
     device: str = "cpu"  # where to run
     show_progress: bool = True  # denoising progress bar
@@ -44,12 +59,24 @@ class GenerateConfig:
 
 def check_inputs(cfg: GenerateConfig) -> None:
     """Every file and value is checked before any model is loaded (errors name what was expected and found)."""
+    from .blocks import PRESETS
+    from .combine import COMBINE_MODES
+    from .references import PREP_MODES
     from .sources import resolve_adapter
 
-    for path in [*cfg.images, *cfg.negative_images, *([cfg.init_image] if cfg.init_image else [])]:
+    images = [*cfg.images, *cfg.negative_images]
+    for name in ("init_image", "composition_image", "mask", "inpaint_mask", "control_image"):
+        if getattr(cfg, name):
+            images.append(getattr(cfg, name))
+    for path in images:
         load_image(path)  # FileNotFoundError / ValueError with the path
-    if not cfg.images:
-        raise ValueError("expected at least one reference image (--image), found none")
+    for path in (cfg.embeds, cfg.face_id):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"not found: {path}")
+    if not cfg.images and not cfg.embeds and not cfg.face_id:
+        raise ValueError("expected at least one reference image (--image), embeddings (--embeds) or --face-id; found none")
+    if cfg.images and cfg.embeds:
+        raise ValueError("pass reference images (--image) or saved embeddings (--embeds), not both")
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
@@ -59,40 +86,111 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"expected 0 <= --start <= --end <= 1, found {cfg.start} and {cfg.end}")
     if not 0 < cfg.strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], found {cfg.strength}")
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {cfg.preset!r}; expected one of {', '.join(PRESETS)}")
+    if cfg.combine not in COMBINE_MODES:
+        raise ValueError(f"unknown --combine {cfg.combine!r}; expected one of {', '.join(COMBINE_MODES)}")
+    if cfg.prep not in PREP_MODES:
+        raise ValueError(f"unknown --prep {cfg.prep!r}; expected one of {', '.join(PREP_MODES)}")
+    if cfg.weights:
+        count = len(cfg.images)
+        if cfg.embeds:
+            from .checkpoint import read_tensors
+
+            tensors, _ = read_tensors(cfg.embeds, shapes_only=True)
+            count = tensors["features"].shape[0] if "features" in tensors else 0
+        if len(cfg.weights) != count:
+            raise ValueError(f"expected one --weights value per reference image ({count}), found {len(cfg.weights)}")
+    if bool(cfg.controlnet) != bool(cfg.control_image):
+        raise ValueError("--controlnet and --control-image go together; found only one of them")
+    if cfg.inpaint_mask and not cfg.init_image:
+        raise ValueError("--inpaint-mask needs --init-image (the image to repaint)")
+    if not 0 <= cfg.negative_noise <= 1:
+        raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
+
+
+def load_face_id(path: str | Path) -> torch.Tensor:
+    """(N, 512) ArcFace embeddings from a .npy file or a .safetensors file (its only tensor, or "face_id")."""
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"cannot read {path} as a numeric .npy array: {e}") from e
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    elif path.suffix == ".safetensors":
+        from .checkpoint import read_tensors
+
+        tensors, _ = read_tensors(path)
+        if "face_id" not in tensors and len(tensors) != 1:
+            raise ValueError(f"{path} holds {sorted(tensors)}; expected one tensor or one named 'face_id'")
+        tensor = tensors.get("face_id", next(iter(tensors.values()))).float()
+    else:
+        raise ValueError(f"--face-id takes a .npy or .safetensors file, found {path.name}")
+    tensor = tensor.reshape(-1, tensor.shape[-1])
+    if tensor.shape[-1] != 512:
+        raise ValueError(f"{path}: expected 512-d ArcFace embeddings, found shape {tuple(tensor.shape)}")
+    return tensor
 
 
 def generate(cfg: GenerateConfig) -> list[Path]:
     """Runs `cfg`; returns the written PNG paths."""
     from .adapter import IPAdapter
     from .encoders import ImageEncoder
-    from .prompter import ImagePrompter
+    from .embeds import load_embeds, save_embeds
+    from .prompter import ImagePrompt, ImagePrompter
     from .sources import load_pipeline, resolve_adapter, resolve_image_encoder
 
     check_inputs(cfg)
-    kind = "image2image" if cfg.init_image else "text2image"
-    pipe = load_pipeline(cfg.base, device=cfg.device, kind=kind)
+    kind = "inpaint" if cfg.inpaint_mask else "image2image" if cfg.init_image else "text2image"
+    controlnet = None
+    if cfg.controlnet:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet, torch_dtype=torch.float32)
+    pipe = load_pipeline(cfg.base, device=cfg.device, kind=kind, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
     steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"].default
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"].default
     adapter = IPAdapter.from_file(resolve_adapter(cfg.adapter), dtype=torch.float32, unet=pipe.unet)
     encoder = None
-    if adapter.config.image_feature != "none":
+    if adapter.config.image_feature != "none" and not cfg.embeds:
         path = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not path:
             raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
         encoder = ImageEncoder.from_pretrained(path, device=cfg.device)
+    elif adapter.config.image_feature != "none":
+        path = resolve_image_encoder(cfg.base, cfg.image_encoder)  # for the unconditional features, when present
+        encoder = ImageEncoder.from_pretrained(path, device=cfg.device) if path else None
     prompter = ImagePrompter(pipe, adapter, encoder)  # checks the encoder against the adapter
-    references = [load_image(p) for p in cfg.images]
+    if cfg.embeds:
+        references = list(load_embeds(cfg.embeds, adapter.config)[0])
+    else:
+        references = [load_image(p) for p in cfg.images]
+    if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
+        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep), adapter.config.image_feature,
+                    encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
     kwargs: dict = {"negative_prompt": cfg.negative_prompt, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
     if cfg.init_image:
         kwargs.update(image=load_image(cfg.init_image), strength=cfg.strength)
-    negatives = [load_image(p) for p in cfg.negative_images] or None
-    prompts = [cfg.prompt] * len(references)
-    images = prompter(image=references, prompt=prompts if len(references) > 1 else cfg.prompt, scale=cfg.scale,
-                      negative_image=negatives, guidance_scale=guidance, start=cfg.start, end=cfg.end,
-                      **kwargs).images
+    if cfg.inpaint_mask:
+        kwargs.update(mask_image=load_image(cfg.inpaint_mask))
+    if controlnet is not None:
+        key = "control_image" if cfg.init_image else "image"
+        kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})
+    prompt = ImagePrompt(
+        image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
+        composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
+        weights=cfg.weights or None, prep=cfg.prep,
+        negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
+        mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
+        face_id=load_face_id(cfg.face_id) if cfg.face_id else None,
+    )  # fmt: skip
+    images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -339,20 +339,27 @@ class ImagePrompter:
             start: the image prompt acts from this fraction of the denoising schedule on ...
             end: ... up to this fraction (step i of N acts when start <= i/N and (i+1)/N <= end).
             prompts: one `ImagePrompt` per adapter (instead of the arguments above), for several adapters.
-            **controls: other `ImagePrompt` fields (preset, combine, weights, mask, prep, negative_noise,
+            **controls: other `ImagePrompt` fields (preset, combine, weights, mask, regions, prep, negative_noise,
                 composition_image, composition_scale, content_embeds, content_scale); everything else goes to
-                the pipeline (negative_prompt, num_inference_steps, generator, image, control_image, ...).
+                the pipeline (negative_prompt, num_inference_steps, generator, control_image, mask_image, ...).
+                The pipeline's own `image` (image-to-image start, ControlNet condition) is `pipeline_image=`, or
+                `image=` when `prompts` is given.
 
         Returns:
             the pipeline's output.
         """
         fields = set(ImagePrompt.__dataclass_fields__)
         prompt_controls = {k: controls.pop(k) for k in list(controls) if k in fields}
+        if "pipeline_image" in controls:  # the pipeline's own `image` (img2img start, ControlNet condition)
+            controls["image"] = controls.pop("pipeline_image")
         if prompts is None:
             prompts = [ImagePrompt(image=image, scale=scale, negative_image=negative_image, face_id=face_id,
                                    start=start, end=end, **prompt_controls)]  # fmt: skip
-        elif image is not None or negative_image is not None or face_id is not None or prompt_controls:
-            raise ValueError("pass either `prompts` (one ImagePrompt per adapter) or the single-adapter arguments")
+        else:
+            if negative_image is not None or face_id is not None or prompt_controls:
+                raise ValueError("pass either `prompts` (one ImagePrompt per adapter) or the single-adapter arguments")
+            if image is not None:  # with `prompts`, `image` is the pipeline's own argument
+                controls["image"] = image
         if len(prompts) != len(self.adapters):
             raise ValueError(f"expected one ImagePrompt per adapter ({len(self.adapters)}), found {len(prompts)}")
         if guidance_scale is None:

@@ -1,0 +1,136 @@
+"""The prompter on every pipeline kind users combine IP-Adapter with: the same pixels as diffusers' built-in
+IP-Adapter on image-to-image, inpainting, T2I-Adapter and SDXL pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import make_sd_folder, make_sdxl_folder, tiny_clip_vision
+
+from ipadapter import IPAdapter, ImageEncoder
+from ipadapter.prompter import ImagePrompter
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    base, encoder_folder = make_sd_folder(root)
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(4)
+    adapter = IPAdapter.for_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "plus",
+                                 image_embed_dim=ImageEncoder.from_pretrained(encoder_folder).hidden_dim)  # fmt: skip
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    adapter.save(root / "ip.bin", layout="official")
+    return root, base, encoder_folder
+
+
+def _theirs(cls, base, encoder_folder, root, **extra):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    pipe = cls.from_pretrained(base, image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder_folder),
+                               feature_extractor=CLIPImageProcessor(size={"shortest_edge": 28},
+                                                                    crop_size={"height": 28, "width": 28}), **extra)  # fmt: skip
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name="ip.bin", image_encoder_folder=None)
+    return pipe
+
+
+def _ours(cls, base, **extra):
+    from diffusers import DDIMScheduler
+
+    pipe = cls.from_pretrained(base, **extra)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images():
+    reference = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    start = Image.radial_gradient("L").resize((16, 16)).convert("RGB")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    return reference, start, Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_same_pixels_as_diffusers_on_other_pipeline_kinds(sd, kind, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    root, base, encoder_folder = sd
+    reference, start, mask = _images()
+    extra, call = {}, {}
+    if kind == "img2img":
+        cls, call = StableDiffusionImg2ImgPipeline, {"image": start, "strength": 0.7}
+    else:
+        cls, call = StableDiffusionInpaintPipeline, {"image": start, "mask_image": mask, "strength": 0.9}
+    theirs = _theirs(cls, base, encoder_folder, root, **extra)
+    theirs.set_ip_adapter_scale(0.7)
+    common = {"prompt": "a red shape", "num_inference_steps": 4, "output_type": "np"}
+    expected = theirs(ip_adapter_image=reference, generator=torch.Generator("cpu").manual_seed(3), **common,
+                      **call).images  # fmt: skip
+    ours = _ours(cls, base, **extra)
+    prompter = ImagePrompter(ours, IPAdapter.from_file(root / "ip.bin"), ImageEncoder.from_pretrained(encoder_folder))
+    call = {("pipeline_image" if k == "image" else k): v for k, v in call.items()}
+    found = prompter(image=reference, scale=0.7, generator=torch.Generator("cpu").manual_seed(3), **common, **call).images
+    prompter.detach()
+    assert abs(expected - found).max() <= 1e-5
+    plain = ours(generator=torch.Generator("cpu").manual_seed(3), **common,
+                 **{("image" if k == "pipeline_image" else k): v for k, v in call.items()}).images  # fmt: skip
+    assert abs(plain - found).max() > 1e-3
+
+
+def test_t2i_adapter_pipeline_runs_with_the_image_prompt_beside_it(sd, tmp_path):
+    """diffusers' T2I-Adapter pipeline has no built-in IP-Adapter; ours attaches to its UNet like to any other."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    root, base, encoder_folder = sd
+    reference, start, _ = _images()
+    torch.manual_seed(0)
+    t2i = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=2, adapter_type="full_adapter")
+    with torch.no_grad():
+        for p in t2i.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe = _ours(StableDiffusionAdapterPipeline, base, adapter=t2i)
+    common = {"prompt": "a red shape", "num_inference_steps": 3, "output_type": "np"}
+    plain = pipe(image=start, generator=torch.Generator("cpu").manual_seed(1), **common).images
+    no_structure = pipe(image=start, adapter_conditioning_scale=0.0, generator=torch.Generator("cpu").manual_seed(1),
+                        **common).images  # fmt: skip
+    assert abs(plain - no_structure).max() > 1e-3  # the T2I-Adapter acts
+    prompter = ImagePrompter(pipe, IPAdapter.from_file(root / "ip.bin"), ImageEncoder.from_pretrained(encoder_folder))
+    off = prompter(image=reference, scale=0.0, pipeline_image=start, generator=torch.Generator("cpu").manual_seed(1),
+                   **common).images  # fmt: skip
+    on = prompter(image=reference, scale=0.7, pipeline_image=start, generator=torch.Generator("cpu").manual_seed(1),
+                  **common).images  # fmt: skip
+    prompter.detach()
+    assert abs(off - plain).max() <= 1e-6 and abs(on - plain).max() > 1e-3
+
+
+def test_same_pixels_as_diffusers_on_sdxl(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    base = make_sdxl_folder(tmp_path)
+    tiny_clip_vision(image_size=28).save_pretrained(tmp_path / "image_encoder")
+    encoder = ImageEncoder.from_pretrained(tmp_path / "image_encoder")
+    ours = _ours(StableDiffusionXLPipeline, base)
+    torch.manual_seed(5)
+    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    adapter.save(tmp_path / "ip.bin", layout="official")
+    theirs = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path)
+    reference, _, _ = _images()
+    common = {"prompt": "a red shape", "num_inference_steps": 3, "output_type": "np", "height": 16, "width": 16}
+    theirs.set_ip_adapter_scale(0.8)
+    expected = theirs(ip_adapter_image=reference, generator=torch.Generator("cpu").manual_seed(2), **common).images
+    prompter = ImagePrompter(ours, IPAdapter.from_file(tmp_path / "ip.bin"), encoder)
+    found = prompter(image=reference, scale=0.8, generator=torch.Generator("cpu").manual_seed(2), **common).images
+    prompter.detach()
+    assert abs(expected - found).max() <= 1e-5
