@@ -5,6 +5,11 @@ decodes images and runs the VAE, text encoder and image encoder on every step, o
 samples/s of each and the ratio.
 
     python benchmarks/train_throughput.py [--base tinyworld] [--samples 256] [--batch-size 16] [--steps 30]
+    python benchmarks/train_throughput.py --proportions sd15 --resolution 256 --samples 16 --batch-size 2 --steps 4
+
+`--proportions sd15` times SD1.5 + ViT-H/14 with their real depths and half their widths (random weights; see
+`tests/tiny_models.make_proportional_sd15`), so the frozen models' share of a step is the real one. On the tiny
+world the UNet dwarfs its tiny VAE and encoders, which bounds what any cache can save there.
 """
 
 from __future__ import annotations
@@ -83,21 +88,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="timed steps for each loop")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--proportions", choices=["sd15"], default=None,
+                        help="instead of --base: SD1.5 + ViT-H at real depths, half widths (random weights)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tiny_models import make_world_folder
+    from tiny_models import make_proportional_sd15, make_world_folder
 
     from ipadapter.training import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         data = make_world_folder(Path(tmp) / "data", args.samples, seed=1, size=args.resolution)
+        if args.proportions == "sd15":
+            args.base, args.image_encoder = make_proportional_sd15(Path(tmp) / "models", 0.5, args.resolution)
         cfg = TrainConfig(base=args.base, image_encoder=args.image_encoder, data=data, resolution=args.resolution,
                           batch_size=args.batch_size, max_steps=args.steps + 2, save_every=10**9,
                           cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1)
         baseline = official_style(cfg, args.steps)
         cached, cache_seconds = ours(cfg)
-    print(f"model: {args.base}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, "
+    print(f"model: {'SD1.5 + ViT-H proportions (half widths)' if args.proportions else args.base}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, "
           f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
     print(f"{'loop':<44}{'samples/s':>10}")
     print(f"{'official-style (encoders every step, no cache)':<44}{baseline:>10.1f}")

@@ -161,3 +161,57 @@ def make_sdxl_folder(path, seed: int = 0) -> str:
     )
     pipe.save_pretrained(Path(path) / "sdxl")
     return str(Path(path) / "sdxl")
+
+
+def make_proportional_sd15(path, width: float = 0.5, resolution: int = 256, seed: int = 0) -> tuple[str, str]:
+    """SD1.5 + ViT-H/14 with the real depths and every width times `width`, for timing at real proportions.
+
+    Scaling every width by w scales every model's cost by about w^2, so their ratios stay the real ones. At
+    `resolution` r the UNet and VAE cost (r/512)^2 of 512 px training; the image encoder gets the input side that
+    scales its token count by the same factor (224 * r / 512), so it too keeps its real share. Random weights.
+
+    Returns (base folder, image encoder folder).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ipadapter.tinyworld.stack import TokenizerConfig, build_tokenizer
+
+    def scaled(channels):
+        return [int(c * width) for c in channels]
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(TokenizerConfig(model_max_length=77))
+    text = reference_json("sd15/text_encoder_config.json")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=int(text["hidden_size"] * width), intermediate_size=int(text["intermediate_size"] * width),
+        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=int(text["num_attention_heads"] * width),
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act=text["hidden_act"],
+    ))  # fmt: skip
+    unet_cfg = {k: v for k, v in reference_json("sd15/unet_config.json").items() if not k.startswith("_")}
+    unet_cfg.update(block_out_channels=scaled(unet_cfg["block_out_channels"]), sample_size=resolution // 8,
+                    cross_attention_dim=text_encoder.config.hidden_size)  # fmt: skip
+    vae_cfg = {k: v for k, v in reference_json("sd15/vae_config.json").items() if not k.startswith("_")}
+    vae_cfg.update(block_out_channels=scaled(vae_cfg["block_out_channels"]), sample_size=resolution)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**vae_cfg), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**unet_cfg), scheduler=DDPMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path / "sd15-proportional")
+    vit = {k: v for k, v in reference_json("ip_adapter/image_encoder_vit_h_config.json").items()
+           if k in ("hidden_act", "num_hidden_layers", "patch_size", "layer_norm_eps")}  # fmt: skip
+    vit_h = reference_json("ip_adapter/image_encoder_vit_h_config.json")
+    side = round(vit_h["image_size"] * resolution / 512 / vit["patch_size"]) * vit["patch_size"]
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=int(vit_h["hidden_size"] * width), intermediate_size=int(vit_h["intermediate_size"] * width),
+        num_attention_heads=int(vit_h["num_attention_heads"] * width), projection_dim=int(vit_h["projection_dim"] * width),
+        image_size=side, **vit,
+    )).save_pretrained(path / "image_encoder")  # fmt: skip
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
+        path / "image_encoder")
+    return str(path / "sd15-proportional"), str(path / "image_encoder")
