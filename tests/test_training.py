@@ -18,7 +18,7 @@ from tiny_models import make_sd_folder, make_world_folder
 
 from ipadapter import load_adapter
 from ipadapter.training import TrainConfig, train
-from ipadapter.training.checkpointing import list_checkpoints, resolve_resume
+from ipadapter.training.checkpointing import list_checkpoints, load_training_state, resolve_resume
 from ipadapter.training.data import iter_webdataset, read_records
 
 
@@ -168,8 +168,9 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
 
 
 def test_two_processes_train_one_checkpoint(world, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ipadapter.train",
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); torchrun starts two, and
+    # the trainer then sets Accelerate up for gloo on CPU.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ipadapter.train",
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
            "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
@@ -178,6 +179,8 @@ def test_two_processes_train_one_checkpoint(world, tmp_path):
     checkpoints = list_checkpoints(tmp_path / "run")
     assert [c.name for c in checkpoints] == ["checkpoint-2"]
     load_adapter(checkpoints[0] / "adapter.safetensors")
+    state = load_training_state(checkpoints[0])
+    assert state["processes"] == 2  # really two processes (gloo), not one
 
 
 @pytest.mark.parametrize("variant", ["full", "faceid"])

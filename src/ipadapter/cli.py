@@ -51,6 +51,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_clip(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .evaluation.clip_eval import ClipEvalConfig, markdown, run_clip_eval
+
+    values = {f.name: getattr(args, f.name) for f in fields(ClipEvalConfig) if getattr(args, f.name, None) is not None}
+    summary = run_clip_eval(ClipEvalConfig(**values))
+    print(markdown(summary))
+    return 0
+
+
+def cmd_eval_tinyworld(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tinyworld.evaluate import EvalSettings, evaluate, load_tinyworld, markdown_table
+
+    settings = EvalSettings(n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+    pipe, prompter, reader = load_tinyworld(args.adapter)
+    results = []
+    for protocol in args.protocol:
+        for scale in ([0.0] if protocol == "text" else args.scale):
+            results.append(evaluate(pipe, prompter, reader, protocol, scale, settings, preset=args.preset))
+    title = f"adapter {args.adapter}" + (f", preset {args.preset}" if args.preset else "") + f", {settings.steps} steps"
+    table = markdown_table(results, title)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
+def cmd_eval_face(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation.faces import fid, identity_similarity, lpips
+    from .faces import FaceEmbedder
+    from .images import load_image
+
+    reference = load_image(args.reference)
+    generated = [load_image(p) for p in args.generated]
+    report: dict = {}
+    if not args.no_identity:
+        scores = identity_similarity(FaceEmbedder(name=args.insightface_model, root=args.insightface_root),
+                                     generated, reference)  # fmt: skip
+        found = [s for s in scores if s is not None]
+        report["identity_similarity"] = sum(found) / len(found) if found else None
+        report["faces_found"] = f"{len(found)}/{len(scores)}"
+    if args.fid_real:
+        report["fid"] = fid([load_image(p) for p in args.fid_real], generated)
+    if args.lpips:
+        report["lpips_to_reference"] = lpips(generated, [reference] * len(generated))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipadapter", description="IP-Adapter image prompts for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +166,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("eval", help="measure an adapter: CLIP-I/CLIP-T (paper protocol), tiny-world CP/PF, faces")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("clip", help="the paper's Table 1 protocol: CLIP-I and CLIP-T over (image, caption) pairs")
+    e.add_argument("--data", help="pairs: JSON list, JSONL, folder with .txt captions, or tinyworld:N:SEED (default)")
+    e.add_argument("--image-root", help="folder the JSON's image_file entries are relative to")
+    e.add_argument("--base", help="diffusers folder, single file or hub id (default: tinyworld)")
+    e.add_argument("--adapter", help="IP-Adapter file (default: tinyworld-base)")
+    e.add_argument("--image-encoder", help="the adapter's image encoder (default: the base's image_encoder/)")
+    e.add_argument("--clip", help="scoring CLIP with both towers, e.g. openai/clip-vit-large-patch14 (default: tinyworld)")
+    e.add_argument("--scale", type=float, help="adapter scale (default: 1.0)")
+    e.add_argument("--preset", help="per-block preset (style, composition, ...)")
+    e.add_argument("--images-per-pair", type=int, help="generated images per pair (default: 4, as the paper)")
+    e.add_argument("--with-text", action="store_true", default=None, help="also prompt with the caption")
+    e.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")
+    e.add_argument("--seed", type=int, help="pair i uses seed + i (default: 0)")
+    e.add_argument("--limit", type=int, help="only the first N pairs")
+    e.add_argument("--save-images", action="store_true", default=None, help="also write the generated images")
+    e.add_argument("--out", help="output folder: results.rank*.jsonl, summary.json, summary.md (default: eval-clip)")
+    e.add_argument("--device", help="torch device (default: cpu)")
+    e.set_defaults(func=cmd_eval_clip)
+    e = esub.add_parser("tinyworld", help="concept preservation (CP), prompt following (PF) and CP x PF")
+    e.add_argument("--adapter", default="tinyworld-base", help="tinyworld-base, tinyworld-plus or an adapter file")
+    e.add_argument("--protocol", nargs="+", default=["text", "image", "image+text"], choices=["text", "image", "image+text"])
+    e.add_argument("--scale", nargs="+", type=float, default=[1.0], help="adapter scale(s) (default: 1.0)")
+    e.add_argument("--preset", default=None, help="per-block preset (style, composition, ...)")
+    e.add_argument("--n", type=int, default=200, help="held-out scenes per row (default: 200)")
+    e.add_argument("--seed", type=int, default=4242, help="scenes and noise seed (default: 4242)")
+    e.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
+    e.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default: 4.0)")
+    e.add_argument("--out", default="", help="also write the Markdown table here")
+    e.set_defaults(func=cmd_eval_tinyworld)
+    e = esub.add_parser("face", help="FaceID: ArcFace identity similarity, optional FID and LPIPS")
+    e.add_argument("--reference", required=True, help="the reference face image")
+    e.add_argument("--generated", nargs="+", required=True, help="generated images")
+    e.add_argument("--insightface-model", default="buffalo_l", help="insightface model pack (default: buffalo_l)")
+    e.add_argument("--insightface-root", default=None, help="insightface root holding models/<pack> (default: ~/.insightface)")
+    e.add_argument("--no-identity", action="store_true", help="skip the identity similarity")
+    e.add_argument("--fid-real", nargs="+", help="real images for FID against the generated set")
+    e.add_argument("--lpips", action="store_true", help="LPIPS of each generated image to the reference")
+    e.set_defaults(func=cmd_eval_face)
+
     sub.add_parser("train", help="train an adapter (see `ipadapter train --help`)", add_help=False)
     return parser
 
@@ -125,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

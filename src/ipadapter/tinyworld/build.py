@@ -1462,9 +1462,24 @@ def ship(ctx: Context, assets: Path) -> None:
     (assets / "adapters").mkdir(parents=True, exist_ok=True)
     for variant in ctx.config.adapters.variants:
         shutil.copy(ctx.stage_dir("adapters") / variant / f"{variant}.safetensors", assets / "adapters")
+    save_eval_clip(ctx.out, assets / "clip", ctx.config.stack)
     checks = {stage: json.loads((ctx.stage_dir(stage) / "done.json").read_text()) for stage in STAGES}
     _atomic_write_json(checks, assets / "build_checks.json")
     logger.info("shipped into %s", assets)
+
+
+def save_eval_clip(build_dir: Path, target: Path, stack: StackConfig) -> None:
+    """The `clip` stage's whole CLIPModel (text + vision towers of one contrastive run), float16, with its tokenizer
+    and image processor: the tiny world's stand-in for the ViT-L/14 that the paper's CLIP-I / CLIP-T use. Like the
+    paper's, it is not the image encoder the adapters read (that one comes from the `vision` stage)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(str(Path(build_dir) / "clip" / "clip_model")).half()
+    if target.exists():
+        shutil.rmtree(target)
+    clip.save_pretrained(str(target))
+    stack_lib.save_tokenizer(CLIPTokenizer.from_pretrained(str(Path(build_dir) / "tokenizer")), target)
+    stack_lib.image_processor(stack.clip).save_pretrained(str(target))
 
 
 def _quiet(library: str) -> None:

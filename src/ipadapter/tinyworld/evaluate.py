@@ -65,8 +65,10 @@ def edit_for(scene: Scene, index: int, settings: EvalSettings, seed: int) -> tup
 
 
 @torch.no_grad()
-def evaluate(pipe, prompter, reader, protocol: str, scale: float = 1.0, settings: EvalSettings = EvalSettings()) -> EvalResult:
-    """Runs one protocol; `prompter` (an ImagePrompter on `pipe`) is unused for text only."""
+def evaluate(pipe, prompter, reader, protocol: str, scale: float = 1.0, settings: EvalSettings = EvalSettings(),
+             preset: str | None = None) -> EvalResult:  # fmt: skip
+    """Runs one protocol; `prompter` (an ImagePrompter on `pipe`) is unused for text only; `preset` is a per-block
+    preset (`blocks.PRESETS`) applied with `scale`."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, found {protocol!r}")
     scenes = held_out_scenes(settings.n, settings.seed)
@@ -90,12 +92,12 @@ def evaluate(pipe, prompter, reader, protocol: str, scale: float = 1.0, settings
             continue
         references = [render(s) for s in chunk]
         if protocol == "image":
-            images = prompter(image=references, prompt=[""] * len(chunk), scale=scale, **common).images
+            images = prompter(image=references, prompt=[""] * len(chunk), scale=scale, preset=preset, **common).images
             cps.extend(concept_preservation(s, r) for s, r in zip(chunk, reader.predict(images)))
             continue
         edits = [edit_for(s, start + i, settings, settings.seed) for i, s in enumerate(chunk)]
         texts = [caption(replace(s, **{a: v}), [a]) for s, (a, v) in zip(chunk, edits)]
-        images = prompter(image=references, prompt=texts, scale=scale, **common).images
+        images = prompter(image=references, prompt=texts, scale=scale, preset=preset, **common).images
         for s, (a, v), read in zip(chunk, edits, reader.predict(images)):
             kept = [name for name in ATTRIBUTES if name != a]
             cps.append(concept_preservation(s, read, kept))

@@ -84,7 +84,12 @@ class Trainer:
             tracker = "tensorboard"
         except ImportError:
             pass
+        import os
+
+        # Several processes without a GPU (torchrun on CPUs): Accelerate uses gloo only when told cpu=True.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
+            cpu=several and not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             log_with=tracker,
@@ -266,6 +271,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             "step": self.step,
+            "processes": self.accelerator.num_processes,
             "epoch": self.epoch,
             "position": self.position,
             "skipped": self.skipped,

@@ -1,0 +1,163 @@
+"""`ipadapter eval clip`: the protocol of the paper's Table 1, resumable and sharded over processes.
+
+For every (reference image, caption) pair - COCO 2017 val in the paper, any local JSON / JSONL / folder here - the
+adapter generates N images (paper: 4) from the image prompt (with an empty text prompt unless `with_text`), and each
+is scored against the reference (CLIP-I) and the caption (CLIP-T, and CLIPScore = 2.5 * max(CLIP-T, 0)).
+
+Results go to OUT/results.rank{R}.jsonl, one line per pair and process R (Accelerate decides the processes: run
+`accelerate launch --multi_gpu --num_processes 8 -m ipadapter.cli eval clip ... --device cuda` on GPUs, or
+`torchrun --nproc_per_node 2 -m ipadapter.cli eval clip ...` on CPUs, to shard the pairs); a rerun skips the pairs
+already there. The main process then writes OUT/summary.json and OUT/summary.md over every part.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SUMMARY_KEYS = ("clip_i", "clip_t", "clipscore")
+
+
+@dataclass
+class ClipEvalConfig:
+    """One `ipadapter eval clip` run."""
+
+    data: str = "tinyworld:200:4242"  # pairs: JSON list / JSONL / folder with .txt captions / tinyworld:N:SEED
+    image_root: str = ""  # folder the JSON's image_file entries are relative to (default: the JSON's folder)
+    base: str = "tinyworld"  # diffusers folder, single file, hub id, or tinyworld
+    adapter: str = "tinyworld-base"  # IP-Adapter file or tinyworld-base / tinyworld-plus
+    image_encoder: str = ""  # the adapter's image encoder (default: the base's image_encoder/)
+    clip: str = "tinyworld"  # the scoring CLIP (both towers): folder or hub id, e.g. openai/clip-vit-large-patch14
+    scale: float = 1.0  # adapter scale
+    preset: str = ""  # per-block preset (blocks.PRESETS), optional
+    images_per_pair: int = 4  # generated images per pair (paper: 4)
+    with_text: bool = False  # also give the caption as the text prompt (the paper's protocol uses none)
+    steps: int | None = None  # denoising steps (default: the pipeline's)
+    guidance: float | None = None  # classifier-free guidance (default: the pipeline's)
+    seed: int = 0  # pair i uses torch.Generator("cpu").manual_seed(seed + i)
+    limit: int = 0  # evaluate only the first `limit` pairs (0: all)
+    save_images: bool = False  # also write the generated images under OUT/images/
+    out: str = "eval-clip"  # output folder
+    device: str = "cpu"  # where to run
+
+
+def _valid(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _done(out: Path) -> dict[int, dict]:
+    found = {}
+    for part in sorted(out.glob("results.rank*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: that pair is redone
+                found[int(item["index"])] = item
+    return found
+
+
+def summarize(items: list[dict], cfg: ClipEvalConfig) -> dict:
+    n = len(items)
+    means = {k: (sum(float(it[k]) for it in items) / n if n else None) for k in SUMMARY_KEYS}
+    return {"pairs": n, "images_per_pair": cfg.images_per_pair, **means, "config": asdict(cfg)}
+
+
+def markdown(summary: dict) -> str:
+    cfg = summary["config"]
+    def f(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    return "\n".join([
+        "# CLIP-I / CLIP-T (IP-Adapter paper, Table 1 protocol)",
+        "",
+        f"adapter `{cfg['adapter']}` on `{cfg['base']}`, scale {cfg['scale']}"
+        + (f", preset {cfg['preset']}" if cfg["preset"] else "")
+        + f"; scoring CLIP `{cfg['clip']}`; data `{cfg['data']}`; "
+        + f"{cfg['images_per_pair']} images per pair; text prompt: {'the caption' if cfg['with_text'] else 'none'}",
+        "",
+        "| pairs | CLIP-I | CLIP-T | CLIPScore |",
+        "|---|---|---|---|",
+        f"| {summary['pairs']} | {f(summary['clip_i'])} | {f(summary['clip_t'])} | {f(summary['clipscore'])} |",
+        "",
+    ])  # fmt: skip
+
+
+def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
+    """Runs (or resumes) the evaluation; returns the summary (on every process)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from ..adapter import IPAdapter
+    from ..encoders import ImageEncoder
+    from ..prompter import ImagePrompter
+    from ..sources import load_pipeline, resolve_adapter, resolve_image_encoder
+    from ..training.data import open_image, read_records
+    from .clip_score import ClipScorer, clipscore
+
+    if cfg.images_per_pair < 1:
+        raise ValueError(f"images_per_pair must be >= 1, found {cfg.images_per_pair}")
+    records = read_records(cfg.data, cfg.image_root)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    adapter_path = resolve_adapter(cfg.adapter)
+    if not Path(adapter_path).is_file():
+        raise FileNotFoundError(f"adapter not found: {adapter_path}")
+    scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
+    state = PartialState(cpu=torch.device(cfg.device).type == "cpu")  # several CPU processes: gloo, as torchrun set up
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _done(out)
+    mine = [i for i in range(len(records)) if i % state.num_processes == state.process_index and i not in done]
+    if mine:
+        pipe = load_pipeline(cfg.base, device=cfg.device)
+        pipe.set_progress_bar_config(disable=True)
+        adapter = IPAdapter.from_file(adapter_path, dtype=torch.float32, unet=pipe.unet)
+        encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)
+        if not encoder_path:
+            raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
+        prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, device=cfg.device))
+        kwargs = {}
+        if cfg.steps is not None:
+            kwargs["num_inference_steps"] = cfg.steps
+        part = out / f"results.rank{state.process_index}.jsonl"
+        if part.exists():  # drop a line a kill cut short, so appended results start on a line of their own
+            kept = [line for line in part.read_text(encoding="utf-8").splitlines() if _valid(line)]
+            part.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        with part.open("a", encoding="utf-8") as results:
+            for i in tqdm(mine, disable=not (show_progress and state.is_main_process), desc="eval clip"):
+                reference = open_image(records[i])
+                if reference is None:
+                    item = {"index": i, "key": records[i].key, "skipped": "unreadable image"}
+                else:
+                    images = prompter(image=reference, prompt=records[i].text if cfg.with_text else "",
+                                      scale=cfg.scale, preset=cfg.preset or None, guidance_scale=cfg.guidance,
+                                      num_images_per_prompt=cfg.images_per_pair,
+                                      generator=torch.Generator("cpu").manual_seed(cfg.seed + i), **kwargs).images  # fmt: skip
+                    ci = scorer.clip_i(images, reference)
+                    ct = scorer.clip_t(images, records[i].text)
+                    item = {"index": i, "key": records[i].key, "text": records[i].text, "clip_i": float(ci.mean()),
+                            "clip_t": float(ct.mean()), "clipscore": float(clipscore(ct).mean()),
+                            "per_image_clip_i": [round(float(x), 5) for x in ci]}  # fmt: skip
+                    if cfg.save_images:
+                        (out / "images").mkdir(exist_ok=True)
+                        for j, image in enumerate(images):
+                            image.save(out / "images" / f"{i:06d}-{j}.png")
+                results.write(json.dumps(item) + "\n")
+                results.flush()
+        prompter.detach()
+    state.wait_for_everyone()
+    items = [it for it in _done(out).values() if "clip_i" in it]
+    summary = summarize(items, cfg)
+    summary["skipped"] = sum(1 for it in _done(out).values() if "skipped" in it)
+    if state.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(markdown(summary))
+    return summary

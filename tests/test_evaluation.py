@@ -1,0 +1,110 @@
+"""Evaluation: metric code on cases with known answers, the paper's CLIP protocol end to end (resumable), the
+tiny-world CP/PF command, and clear errors for missing models."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from ipadapter.cli import main
+from ipadapter.evaluation.clip_score import ClipScorer, clipscore
+from ipadapter.evaluation.faces import fid, identity_similarity, lpips
+from ipadapter.tinyworld.world import Scene, render
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ClipScorer.from_pretrained("tinyworld")
+
+
+def _scene(**kw):
+    base = dict(shape="circle", color="red", pattern="solid", background="black", size="large", position="center")
+    return Scene(**{**base, **kw})
+
+
+def test_identical_images_score_clip_i_one_and_captions_rank_by_content(scorer):
+    image = render(_scene())
+    assert scorer.clip_i([image], image).item() == pytest.approx(1.0, abs=1e-5)
+    other = render(_scene(color="blue", background="white"))
+    assert scorer.clip_i([other], image).item() < 0.99
+    right, wrong = scorer.clip_t([image, image], ["a red shape on a black background", "a blue shape on a white background"])
+    assert right > wrong
+    assert clipscore(torch.tensor([0.3, -0.2])).tolist() == pytest.approx([0.75, 0.0])
+
+
+def test_missing_scoring_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a CLIP model folder: config.json missing"):
+        ClipScorer.from_pretrained(tmp_path)
+
+
+def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", "clip", "--data", "tinyworld:3:7", "--images-per-pair", "2", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 3 and -1 <= summary["clip_i"] <= 1 and summary["images_per_pair"] == 2
+    assert "| 3 |" in (out / "summary.md").read_text()
+    part = out / "results.rank0.jsonl"
+    lines = part.read_text().splitlines()
+    assert len(lines) == 3 and all(len(json.loads(line)["per_image_clip_i"]) == 2 for line in lines)
+    part.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])  # a kill cut the last line
+    assert main(args) == 0
+    lines_after = [json.loads(line) for line in part.read_text().splitlines()]
+    assert [item["index"] for item in lines_after] == [0, 1, 2]  # only the cut pair was redone, the same way
+    assert lines_after[2]["per_image_clip_i"] == json.loads(lines[2])["per_image_clip_i"]
+
+
+def test_eval_tinyworld_prints_cp_pf_rows(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    assert main(["eval", "tinyworld", "--protocol", "image", "image+text", "--scale", "0", "1", "--n", "4",
+                 "--steps", "2", "--preset", "style", "--out", str(out)]) == 0  # fmt: skip
+    table = out.read_text()
+    assert table.count("| image | ") == 2 and table.count("| image+text | ") == 2 and "preset style" in table
+
+
+class _FakeEmbedder:
+    """Embeds an image as its mean colour (a 'face' when not all black)."""
+
+    def embed(self, image):
+        pixels = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32).mean(0)
+        if pixels.sum() == 0:
+            raise ValueError("no face detected")
+        return pixels
+
+
+def test_identity_similarity_known_answers():
+    from PIL import Image
+
+    red, blue, black = (Image.new("RGB", (8, 8), c) for c in ((200, 0, 0), (0, 0, 200), (0, 0, 0)))
+    scores = identity_similarity(_FakeEmbedder(), [red, blue, black], red)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0) and scores[2] is None
+
+
+def test_fid_and_lpips_say_what_is_missing(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ImportError, match=r"FID needs torchmetrics: `pip install torchmetrics\[image\]`"):
+        fid([image], [image])
+    with pytest.raises(ImportError, match="LPIPS needs torchmetrics"):
+        lpips([image], [image])
+
+
+def test_eval_clip_shards_pairs_over_two_processes(tmp_path):
+    import os
+    import subprocess
+
+    # `accelerate launch --cpu --num_processes 2` starts one process (accelerate 1.15); torchrun starts two
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ipadapter.cli", "eval", "clip",
+           "--data", "tinyworld:5:3", "--images-per-pair", "1", "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [[json.loads(line)["index"] for line in (tmp_path / f"results.rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]  # fmt: skip
+    assert ranks == [[0, 2, 4], [1, 3]]
+    assert json.loads((tmp_path / "summary.json").read_text())["pairs"] == 5
