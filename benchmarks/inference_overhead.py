@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--models", default="tinyworld,sd15", help="comma-separated: tinyworld, sd15")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=4, help="timed UNet calls per configuration and round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median seconds per CFG UNet call")
     print("| model | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead |")
     print("|---|---|---|---|---|---|")
