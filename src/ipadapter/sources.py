@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-TINYWORLD_DIR = Path(__file__).resolve().parent / "tinyworld" / "assets"  # shipped with the package
+# The shipped tiny world; IPADAPTER_TINYWORLD_DIR points everything at another build's assets (e.g. to measure a
+# fresh build with benchmarks/tinyworld_targets.py before shipping it).
+TINYWORLD_DIR = Path(os.environ.get("IPADAPTER_TINYWORLD_DIR") or Path(__file__).resolve().parent / "tinyworld" / "assets")
 TINYWORLD_ADAPTERS = {"base": "adapters/base.safetensors", "plus": "adapters/plus.safetensors"}
 
 
