@@ -38,13 +38,22 @@ class ImageBranch:
         self.layer_index = layer_index
         self.state = state
 
+    def acting(self) -> list[tuple[int, float]]:
+        """(group, λ) of the groups that act at this layer now; empty when every λ is 0 here (scale 0, or the step
+        is outside the group's window): the branch is then skipped entirely (bit-identical to no adapter, free)."""
+        state = self.state
+        if not state.groups:
+            state.tokens_for(0)  # raises the error that says how to set an image prompt
+        found = []
+        for g in range(len(state.groups)):
+            scale = state.scale_of(g, self.layer_index)
+            if scale != 0:
+                found.append((g, scale))
+        return found
+
     @property
     def active(self) -> bool:
-        """False when every group's λ is 0 at this layer now (scale 0, or the step is outside its window): the
-        branch is then skipped entirely (bit-identical to no adapter, and free)."""
-        if not self.state.groups:
-            self.state.tokens_for(0)  # raises the error that says how to set an image prompt
-        return any(self.state.scale_of(g, self.layer_index) != 0 for g in range(len(self.state.groups)))
+        return bool(self.acting())
 
     def _keys_values(self, group: int, query: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, _, head_dim = query.shape
@@ -62,14 +71,12 @@ class ImageBranch:
             self.state.store(key, kv)
         return kv
 
-    def __call__(self, query: torch.Tensor, heads: int) -> torch.Tensor | None:
-        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh), or None if no group acts."""
+    def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None) -> torch.Tensor | None:
+        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh), or None if no group acts.
+        `acting`: the result of `acting()` when the caller already has it."""
         batch, _, length, head_dim = query.shape
         total = None
-        for group in range(len(self.state.groups)):
-            scale = self.state.scale_of(group, self.layer_index)
-            if scale == 0:
-                continue
+        for group, scale in self.acting() if acting is None else acting:
             k, v = self._keys_values(group, query, heads)
             out = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
             out = out.transpose(1, 2).reshape(batch, length, heads * head_dim).to(query.dtype)  # (B, L, H*Dh)
@@ -121,7 +128,7 @@ class DecoupledAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        branches = [b for b in self.image_branches if b.active]
+        branches = [(b, acting) for b in self.image_branches if (acting := b.acting())]
         if not branches and not self.lora_branches:
             # Nothing to add: the layer's own processor runs, so its output is exactly what it was.
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -170,8 +177,8 @@ class DecoupledAttnProcessor:
         hidden_states = hidden_states.to(query.dtype)
 
         # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5).
-        for branch in branches:
-            image_attention = branch(query, attn.heads)
+        for branch, acting in branches:
+            image_attention = branch(query, attn.heads, acting)
             if image_attention is not None:
                 hidden_states = hidden_states + image_attention
 
