@@ -130,8 +130,12 @@ def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(set
     assert params["preset"] == "style" and params["weights"] == [0.3, 0.7] and params["combine"] == "average"
 
 
-def test_bad_control_inputs_are_named(setup, tmp_path, capsys):
+def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
     import re
+    import sys
+
+    monkeypatch.setitem(sys.modules, "insightface", None)
+    monkeypatch.setitem(sys.modules, "insightface.app", None)
 
     root, base, _ = setup
     ref = ["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors")]
@@ -142,6 +146,8 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys):
         ([*ref, "--weights", "1", "2"], r"one --weights value per reference image \(1\), found 2"),
         ([*ref, "--face-id", str(tmp_path / "face.npy")], "not found: .*face.npy"),
         ([*ref, "--combine", "mean"], "unknown --combine 'mean'"),
+        (["--face-image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"),
+          "--insightface-root", str(tmp_path)], "insightface"),  # not installed here, or no model pack: named
     ]
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2

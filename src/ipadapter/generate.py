@@ -37,6 +37,8 @@ class GenerateConfig:
     mask: str = ""  # mask image: the image prompt acts only where it is white
     negative_noise: float = 0.0  # > 0: the unconditional image prompt is the reference with this much noise
     face_id: str = ""  # FaceID adapters: a .safetensors / .npy file with (512,) or (N, 512) ArcFace embeddings
+    face_image: str = ""  # FaceID adapters: an image whose largest face insightface embeds (local model pack)
+    insightface_root: str = ""  # insightface root holding models/buffalo_l (default: ~/.insightface)
     start: float = 0.0  # the image prompt acts from this fraction of the denoising ...
     end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
@@ -65,7 +67,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .sources import resolve_adapter
 
     images = [*cfg.images, *cfg.negative_images]
-    for name in ("init_image", "composition_image", "mask", "inpaint_mask", "control_image"):
+    for name in ("init_image", "composition_image", "mask", "inpaint_mask", "control_image", "face_image"):
         if getattr(cfg, name):
             images.append(getattr(cfg, name))
     for path in images:
@@ -73,8 +75,11 @@ def check_inputs(cfg: GenerateConfig) -> None:
     for path in (cfg.embeds, cfg.face_id):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"not found: {path}")
-    if not cfg.images and not cfg.embeds and not cfg.face_id:
-        raise ValueError("expected at least one reference image (--image), embeddings (--embeds) or --face-id; found none")
+    if not cfg.images and not cfg.embeds and not cfg.face_id and not cfg.face_image:
+        raise ValueError("expected at least one reference image (--image), embeddings (--embeds), --face-id or "
+                         "--face-image; found none")  # fmt: skip
+    if cfg.face_id and cfg.face_image:
+        raise ValueError("pass --face-id (precomputed embeddings) or --face-image, not both")
     if cfg.images and cfg.embeds:
         raise ValueError("pass reference images (--image) or saved embeddings (--embeds), not both")
     adapter = resolve_adapter(cfg.adapter)
@@ -107,6 +112,14 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("--inpaint-mask needs --init-image (the image to repaint)")
     if not 0 <= cfg.negative_noise <= 1:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
+
+
+def face_embedding(cfg: GenerateConfig) -> torch.Tensor:
+    """(1, 512) ArcFace embedding of the largest face in --face-image (insightface with a local model pack)."""
+    from .faces import FaceEmbedder
+
+    embedder = FaceEmbedder(root=cfg.insightface_root or None)
+    return embedder.embed(load_image(cfg.face_image))[None]
 
 
 def load_face_id(path: str | Path) -> torch.Tensor:
@@ -144,6 +157,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     from .sources import load_pipeline, resolve_adapter, resolve_image_encoder
 
     check_inputs(cfg)
+    # face embeddings before any model: a missing insightface or model pack fails fast
+    faces = load_face_id(cfg.face_id) if cfg.face_id else face_embedding(cfg) if cfg.face_image else None
     kind = "inpaint" if cfg.inpaint_mask else "image2image" if cfg.init_image else "text2image"
     controlnet = None
     if cfg.controlnet:
@@ -188,7 +203,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         weights=cfg.weights or None, prep=cfg.prep,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
-        face_id=load_face_id(cfg.face_id) if cfg.face_id else None,
+        face_id=faces,
     )  # fmt: skip
     images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()
