@@ -35,7 +35,9 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.config = config
         self.image_proj = build_projection(config)
-        self.layers = nn.ModuleList(IPLayer(config.cross_attention_dim, h) for h in config.layer_hidden_sizes)
+        # concat adapters (the paper's simple-adapter ablation) add no keys/values: their tokens join the text tokens
+        decoupled = config.attention == "decoupled"
+        self.layers = nn.ModuleList(IPLayer(config.cross_attention_dim, h) for h in config.layer_hidden_sizes if decoupled)
         self.lora = (
             nn.ModuleList(
                 AttentionLoRA(h, config.cross_attention_dim if j % 2 else h, config.lora_rank)
@@ -47,6 +49,7 @@ class IPAdapter(nn.Module):
         self.state = PromptState(config.num_layers)
         self._processors: list[tuple[nn.Module, DecoupledAttnProcessor]] = []  # (attention module, processor)
         self.layer_names: list[str] = []  # the adapted cross-attention layers of the UNet it is attached to
+        self._concat_hook = None  # concat adapters: the UNet pre-hook that appends the image tokens
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -95,6 +98,7 @@ class IPAdapter(nn.Module):
             lora_rank=v.lora_rank,
             lora_hidden_sizes=lora_sizes,
             shortcut=v.shortcut,
+            attention=v.attention,
             variant=variant,
         )
         adapter = cls(config)
@@ -157,7 +161,7 @@ class IPAdapter(nn.Module):
 
     @property
     def attached(self) -> bool:
-        return bool(self._processors)
+        return bool(self._processors) or self._concat_hook is not None
 
     def attach(self, unet: nn.Module) -> IPAdapter:
         """Installs this adapter's branches on every cross-attention layer of `unet` (and LoRA on every attention).
@@ -171,6 +175,10 @@ class IPAdapter(nn.Module):
         param = next(unet.parameters(), None)
         if param is not None:
             self.to(device=param.device)
+        if self.config.attention == "concat":
+            self.layer_names = [layer.name for layer in cross]
+            self._concat_hook = unet.register_forward_pre_hook(self._append_tokens, with_kwargs=True)
+            return self
         targets: dict[str, tuple[nn.Module, ImageBranch | None, LoRABranch | None]] = {}
         for i, layer in enumerate(cross):
             targets[layer.name] = (layer.module, ImageBranch(self, self.layers[i], i, self.state), None)
@@ -191,8 +199,33 @@ class IPAdapter(nn.Module):
             self._processors.append((module, processor))
         return self
 
+    def _append_tokens(self, module, args, kwargs):
+        """concat adapters: UNet context (B, S, C) -> [text tokens, λ * image tokens] (B, S + T, C)."""
+        state = self.state
+        if not state.groups:
+            state.tokens_for(0)  # the error that says how to set an image prompt
+        if len(state.groups) > 1 or state.groups[0].mask is not None or state.groups[0].layer_scales is not None:
+            raise ValueError("a concat adapter takes one plain image prompt: no masks, regions, presets or per-layer scales")
+        scales = set(state.layer_scales)
+        if len(scales) > 1:
+            raise ValueError("a concat adapter has one scale for every layer (its tokens join the UNet's own context)")
+        scale = scales.pop()
+        if scale == 0 or not state.in_window(state.groups[0].window):
+            return None
+        context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        tokens = state.tokens_for(context.shape[0]).to(device=context.device, dtype=context.dtype)  # (B, T, C)
+        context = torch.cat([context, scale * tokens], dim=1)  # (B, S + T, C)
+        if "encoder_hidden_states" in kwargs:
+            kwargs = {**kwargs, "encoder_hidden_states": context}
+        else:
+            args = (*args[:2], context, *args[3:])
+        return args, kwargs
+
     def detach(self) -> None:
         """Removes this adapter's branches; layers left without branches get their previous processor back."""
+        if self._concat_hook is not None:
+            self._concat_hook.remove()
+            self._concat_hook = None
         for module, processor in self._processors:
             processor.remove(self)
             if processor.empty and module.processor is processor:

@@ -387,6 +387,9 @@ def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter") ->
         metadata = {FORMAT_KEY: FORMAT_NAME, CONFIG_KEY: adapter.config.to_json(), "format_version": FORMAT_VERSION}
         _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     elif layout == "official":
+        if adapter.config.attention != "decoupled":
+            raise ValueError(f"the official layout holds decoupled adapters only; this one is {adapter.config.attention} "
+                             "(the paper's ablation): save it with layout='ipadapter'")  # fmt: skip
         official = internal_to_official(state)
         if path.suffix == ".safetensors":
             _atomic(path, lambda tmp: save_file(official, str(tmp)))
@@ -425,6 +428,7 @@ def describe(path: str | os.PathLike) -> dict:
         "layout": layout,
         "variant": cfg.variant,
         "projection": cfg.projection,
+        "attention": "decoupled (paper §3.2)" if cfg.attention == "decoupled" else "concat: tokens appended to the text (ablation)",
         "num_tokens": tokens,
         "base_family": cfg.base_family,
         "cross_attention_dim": cfg.cross_attention_dim,

@@ -14,6 +14,7 @@ from typing import Any
 
 PROJECTIONS = ("linear", "resampler", "mlp", "faceid", "faceid_plus")
 IMAGE_FEATURES = ("pooled", "penultimate", "none")
+ATTENTIONS = ("decoupled", "concat")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AdapterConfig:
     lora_rank: int = 0  # rank of the FaceID LoRA on every attention's q/k/v/out; 0 = no LoRA
     lora_hidden_sizes: tuple[int, ...] = ()  # query width of every attention layer (attn1 and attn2) when lora_rank > 0
     shortcut: bool = False  # FaceID-PlusV2: tokens = id tokens + s_scale * resampler output
+    attention: str = "decoupled"  # decoupled (paper §3.2) or concat (the paper's simple-adapter ablation, Fig. 10)
     variant: str = "custom"  # name in the variants table this matches ("sd15", "sdxl_plus", ...)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (source file, training run, ...)
 
@@ -51,6 +53,10 @@ class AdapterConfig:
             raise ValueError(f"projection must be one of {PROJECTIONS}, found {self.projection!r}")
         if self.image_feature not in IMAGE_FEATURES:
             raise ValueError(f"image_feature must be one of {IMAGE_FEATURES}, found {self.image_feature!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, found {self.attention!r}")
+        if self.attention == "concat" and self.lora_rank:
+            raise ValueError("a concat adapter has no LoRA; found lora_rank > 0")
         if self.projection in ("resampler", "faceid_plus") and self.resampler is None:
             raise ValueError(f"projection {self.projection!r} needs a ResamplerConfig, found None")
         if self.lora_rank and len(self.lora_hidden_sizes) != 2 * len(self.layer_hidden_sizes):

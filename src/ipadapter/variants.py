@@ -20,6 +20,7 @@ class Variant:
     shortcut: bool = False  # FaceID-PlusV2 shortcut
     resampler_dim: int = 0  # perceiver width; 0 = the UNet's cross_attention_dim
     resampler_heads: int = 0  # perceiver heads; 0 = resampler_dim // 64
+    attention: str = "decoupled"  # decoupled, or concat (image tokens appended to the text tokens; ablation only)
     files: tuple[str, ...] = ()  # official files with this layout
     note: str = ""  # one line for humans
 
@@ -30,6 +31,8 @@ VARIANTS: dict[str, Variant] = {
         # --- generic variants, sized from the UNet and encoder they are built for (training, tiny world) ---
         Variant("base", "linear", 4, "pooled", "any", note="linear projection of the pooled embedding to 4 tokens"),
         Variant("plus", "resampler", 16, "penultimate", "any", note="Resampler: 16 queries over penultimate tokens"),
+        Variant("concat", "linear", 4, "pooled", "any", attention="concat",
+                note="the paper's simple adapter (Fig. 10 ablation): base's 4 tokens appended to the text tokens"),
         Variant("full", "mlp", 0, "penultimate", "any", note="MLP over every penultimate token (257 for ViT-H)"),
         Variant("faceid", "faceid", 4, "none", "any", id_embed_dim=512, lora_rank=128, note="ArcFace -> 4 tokens + LoRA"),
         Variant("faceid_plus", "faceid_plus", 4, "penultimate", "any", id_embed_dim=512, lora_rank=128,
