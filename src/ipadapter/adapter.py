@@ -204,13 +204,14 @@ class IPAdapter(nn.Module):
         state = self.state
         if not state.groups:
             state.tokens_for(0)  # the error that says how to set an image prompt
-        if len(state.groups) > 1 or state.groups[0].mask is not None or state.groups[0].layer_scales is not None:
-            raise ValueError("a concat adapter takes one plain image prompt: no masks, regions, presets or per-layer scales")
-        scales = set(state.layer_scales)
+        group = state.groups[0]
+        if len(state.groups) > 1 or group.mask is not None:
+            raise ValueError("a concat adapter takes one plain image prompt: no masks, regions or second images")
+        scales = set(state.layer_scales if group.layer_scales is None else group.layer_scales)
         if len(scales) > 1:
             raise ValueError("a concat adapter has one scale for every layer (its tokens join the UNet's own context)")
         scale = scales.pop()
-        if scale == 0 or not state.in_window(state.groups[0].window):
+        if scale == 0 or not state.in_window(group.window):
             return None
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
         tokens = state.tokens_for(context.shape[0]).to(device=context.device, dtype=context.dtype)  # (B, T, C)

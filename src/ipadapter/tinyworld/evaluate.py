@@ -108,17 +108,17 @@ def evaluate(pipe, prompter, reader, protocol: str, scale: float = 1.0, settings
     return EvalResult(protocol, 0.0 if protocol == "text" else scale, len(scenes), cp, pf, both)
 
 
-def load_tinyworld(adapter: str = "tinyworld-base", device: str = "cpu"):
-    """(pipe, prompter, reader) on the shipped tiny world."""
+def load_tinyworld(adapter: str = "tinyworld-base", device: str = "cpu", base: str = "tinyworld", controlnet=None):
+    """(pipe, prompter, reader) on the shipped tiny world (or a model derived from it: `base` folder, `controlnet`)."""
     from ..adapter import IPAdapter
     from ..encoders import ImageEncoder
     from ..prompter import ImagePrompter
     from ..sources import load_pipeline, resolve_adapter, resolve_image_encoder
     from .reader import load_reader
 
-    pipe = load_pipeline("tinyworld", device=device)
+    pipe = load_pipeline(base, device=device, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
-    encoder = ImageEncoder.from_pretrained(resolve_image_encoder("tinyworld"), device=device)
+    encoder = ImageEncoder.from_pretrained(resolve_image_encoder(base) or resolve_image_encoder("tinyworld"), device=device)
     ip = IPAdapter.from_file(resolve_adapter(adapter), dtype=torch.float32, image_encoder=encoder)
     return pipe, ImagePrompter(pipe, ip, encoder), load_reader()
 
