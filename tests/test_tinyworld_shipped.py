@@ -46,3 +46,19 @@ def test_demo_writes_a_labelled_grid(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
     grid = Image.open(tmp_path / "demo.png")
     assert grid.size == (150 + 4 * 128, 4 * (128 + 30))
+
+
+def test_shipped_image_text_encoder_shares_the_image_encoders_space():
+    """InstantStyle's content subtraction needs the text tower paired with the image encoder."""
+    import torch.nn.functional as F
+
+    from ipadapter.encoders import ImageEncoder, TextEmbedder
+    from ipadapter.tinyworld.world import Scene, render
+
+    text = TextEmbedder.from_pretrained("tinyworld")
+    image = ImageEncoder.from_pretrained(resolve_image_encoder("tinyworld"))
+    red = image.encode([render(Scene("circle", "red", "solid", "black", "large", "center"))], "pooled")  # (1, D)
+    words = text.encode(["a red shape", "a blue shape", "a green shape"])  # (3, D)
+    assert words.shape == (3, red.shape[1])
+    sims = (F.normalize(red, dim=-1) @ F.normalize(words, dim=-1).T)[0]
+    assert sims[0] > sims[1] and sims[0] > sims[2]

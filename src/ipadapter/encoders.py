@@ -124,3 +124,44 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
             f"the encoder gives {found}-d ({image_encoder_name(config.image_feature, found)})"
         )
 
+
+
+class TextEmbedder(nn.Module):
+    """The text tower paired with an image encoder (same embedding space), for InstantStyle's content subtraction.
+
+    SD1.5 adapters read OpenCLIP ViT-H/14 image embeddings: pair them with that model's text tower
+    (`CLIPTextModelWithProjection`, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K). SDXL's bigG adapters: the pipeline's
+    own `text_encoder_2` / `tokenizer_2`. The tiny world ships its pair in `image_text_encoder/`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        device: str | torch.device = "cpu") -> TextEmbedder:  # fmt: skip
+        """A CLIPTextModelWithProjection and its tokenizer from a folder or hub id ("tinyworld": the shipped pair)."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        if str(name_or_path) == "tinyworld":
+            from .sources import TINYWORLD_DIR
+
+            name_or_path = TINYWORLD_DIR / "image_text_encoder"
+        if subfolder is None and "::" in str(name_or_path):
+            name_or_path, subfolder = str(name_or_path).split("::", 1)
+        path = Path(name_or_path)
+        if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
+            raise FileNotFoundError(f"no text encoder config.json in {path / (subfolder or '')}")
+        sub = {"subfolder": subfolder} if subfolder else {}
+        model = CLIPTextModelWithProjection.from_pretrained(str(name_or_path), dtype=torch.float32, **sub).to(device)
+        return cls(model, CLIPTokenizer.from_pretrained(str(name_or_path), **sub))
+
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Projected text embeddings (N, projection_dim), unnormalised like the image encoder's `image_embeds`."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids.to(self.model.device)  # fmt: skip
+        return self.model(input_ids=ids).text_embeds.float()

@@ -1463,9 +1463,25 @@ def ship(ctx: Context, assets: Path) -> None:
     for variant in ctx.config.adapters.variants:
         shutil.copy(ctx.stage_dir("adapters") / variant / f"{variant}.safetensors", assets / "adapters")
     save_eval_clip(ctx.out, assets / "clip", ctx.config.stack)
+    save_image_text_encoder(ctx.out, assets / "image_text_encoder")
     checks = {stage: json.loads((ctx.stage_dir(stage) / "done.json").read_text()) for stage in STAGES}
     _atomic_write_json(checks, assets / "build_checks.json")
     logger.info("shipped into %s", assets)
+
+
+def save_image_text_encoder(build_dir: Path, target: Path) -> None:
+    """The text tower of the `vision` stage's CLIP (the shipped image encoder's own pair, same embedding space), as a
+    float16 CLIPTextModelWithProjection with its tokenizer: for InstantStyle's content subtraction."""
+    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(str(Path(build_dir) / "vision" / "clip_model"))
+    text = CLIPTextModelWithProjection(clip.config.text_config)
+    text.text_model.load_state_dict(clip.text_model.state_dict())
+    text.text_projection.load_state_dict(clip.text_projection.state_dict())
+    if target.exists():
+        shutil.rmtree(target)
+    text.half().save_pretrained(str(target))
+    stack_lib.save_tokenizer(CLIPTokenizer.from_pretrained(str(Path(build_dir) / "tokenizer")), target)
 
 
 def save_eval_clip(build_dir: Path, target: Path, stack: StackConfig) -> None:
