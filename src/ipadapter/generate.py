@@ -35,6 +35,9 @@ class GenerateConfig:
     composition_scale: float | None = None  # composition weight of style_and_composition presets
     composition_image: str = ""  # style_and_composition with two images: the layout reference
     mask: str = ""  # mask image: the image prompt acts only where it is white
+    content_text: str = ""  # InstantStyle: remove this text's embedding from the image embedding (pooled adapters)
+    content_scale: float = 1.0  # ... times this
+    content_text_encoder: str = ""  # text tower paired with the image encoder (default: the tiny world's pair)
     negative_noise: float = 0.0  # > 0: the unconditional image prompt is the reference with this much noise
     face_id: str = ""  # FaceID adapters: a .safetensors / .npy file with (512,) or (N, 512) ArcFace embeddings
     face_image: str = ""  # FaceID adapters: an image whose largest face insightface embeds (local model pack)
@@ -110,6 +113,9 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("--controlnet and --control-image go together; found only one of them")
     if cfg.inpaint_mask and not cfg.init_image:
         raise ValueError("--inpaint-mask needs --init-image (the image to repaint)")
+    if cfg.content_text and not cfg.content_text_encoder and cfg.base != "tinyworld":
+        raise ValueError("--content-text needs --content-text-encoder: the text tower paired with the image encoder "
+                         "(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD1.5 ViT-H adapters)")  # fmt: skip
     if not 0 <= cfg.negative_noise <= 1:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
 
@@ -197,13 +203,18 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if controlnet is not None:
         key = "control_image" if cfg.init_image else "image"
         kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})
+    content = None
+    if cfg.content_text:
+        from .encoders import TextEmbedder
+
+        content = TextEmbedder.from_pretrained(cfg.content_text_encoder or "tinyworld").encode(cfg.content_text)
     prompt = ImagePrompt(
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
         composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
         weights=cfg.weights or None, prep=cfg.prep,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
-        face_id=faces,
+        face_id=faces, content_embeds=content, content_scale=cfg.content_scale,
     )  # fmt: skip
     images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()
