@@ -19,6 +19,16 @@ from torch import nn
 from .config import AdapterConfig, image_encoder_name
 
 
+def model_source(name_or_path: str | os.PathLike, subfolder: str | None, what: str) -> tuple[str, dict]:
+    """("repo::sub" or folder or hub id, subfolder) -> (name, {"subfolder": ...}); a local folder must hold config.json."""
+    if subfolder is None and "::" in str(name_or_path):
+        name_or_path, subfolder = str(name_or_path).split("::", 1)
+    path = Path(name_or_path)
+    if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
+        raise FileNotFoundError(f"no {what} config.json in {path / (subfolder or '')}")
+    return str(name_or_path), ({"subfolder": subfolder} if subfolder else {})
+
+
 class ImageEncoder(nn.Module):
     """A `CLIPVisionModelWithProjection` plus its preprocessing."""
 
@@ -46,12 +56,7 @@ class ImageEncoder(nn.Module):
         """
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        if subfolder is None and "::" in str(name_or_path):
-            name_or_path, subfolder = str(name_or_path).split("::", 1)
-        path = Path(name_or_path)
-        if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
-            raise FileNotFoundError(f"no image encoder config.json in {path / (subfolder or '')}")
-        sub = {"subfolder": subfolder} if subfolder else {}
+        name_or_path, sub = model_source(name_or_path, subfolder, "image encoder")
         model = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype, **sub, **kwargs)
         processor = None
         try:
@@ -149,12 +154,7 @@ class TextEmbedder(nn.Module):
             from .sources import TINYWORLD_DIR
 
             name_or_path = TINYWORLD_DIR / "image_text_encoder"
-        if subfolder is None and "::" in str(name_or_path):
-            name_or_path, subfolder = str(name_or_path).split("::", 1)
-        path = Path(name_or_path)
-        if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
-            raise FileNotFoundError(f"no text encoder config.json in {path / (subfolder or '')}")
-        sub = {"subfolder": subfolder} if subfolder else {}
+        name_or_path, sub = model_source(name_or_path, subfolder, "text encoder")
         model = CLIPTextModelWithProjection.from_pretrained(str(name_or_path), dtype=torch.float32, **sub).to(device)
         return cls(model, CLIPTokenizer.from_pretrained(str(name_or_path), **sub))
 
