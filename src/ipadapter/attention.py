@@ -72,18 +72,18 @@ class ImageBranch:
         return kv
 
     def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None) -> torch.Tensor | None:
-        """query: (B, H, L, Dh). Returns the scaled image attention (B, L, H*Dh), or None if no group acts.
-        `acting`: the result of `acting()` when the caller already has it."""
-        batch, _, length, head_dim = query.shape
+        """query: (B, H, L, Dh). Returns the scaled image attention in the same layout (B, H, L, Dh), to be added to
+        the text attention before heads are merged, or None if no group acts. `acting`: `acting()` if known."""
+        batch, _, length, _ = query.shape
         total = None
         for group, scale in self.acting() if acting is None else acting:
             k, v = self._keys_values(group, query, heads)
             out = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
-            out = out.transpose(1, 2).reshape(batch, length, heads * head_dim).to(query.dtype)  # (B, L, H*Dh)
             mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
             if mask is not None:
-                out = out * mask.to(device=out.device, dtype=out.dtype)
-            out = scale * out
+                out = out * mask.to(device=out.device, dtype=out.dtype)[:, None]  # (B, 1, L, 1)
+            if scale != 1:
+                out = scale * out
             total = out if total is None else total + out
         return total
 
@@ -173,14 +173,15 @@ class DecoupledAttnProcessor:
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )  # (B, H, L, Dh)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, L, H*Dh)
-        hidden_states = hidden_states.to(query.dtype)
 
-        # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5).
+        # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5). Added
+        # while heads are still split: elementwise the same sum, one head merge instead of one per branch.
         for branch, acting in branches:
             image_attention = branch(query, attn.heads, acting)
             if image_attention is not None:
                 hidden_states = hidden_states + image_attention
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, L, H*Dh)
+        hidden_states = hidden_states.to(query.dtype)
 
         hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
         hidden_states = attn.to_out[1](hidden_states)  # dropout
