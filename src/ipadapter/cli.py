@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help='seed of torch.Generator("cpu") (default: 0)')
     p.add_argument("--num-images", type=int, help="images to generate (default: 1)")
     p.add_argument("--base", help="diffusers folder, checkpoint file or hub id (default: tinyworld)")
+    p.add_argument("--base-config", help="with a single-file --base: the diffusers folder or hub id of its configs")
     p.add_argument("--adapter", help="IP-Adapter file (default: tinyworld-base; also tinyworld-plus)")
     p.add_argument("--image-encoder", help="CLIP image encoder folder or hub id (default: the base's)")
     p.add_argument("--init-image", help="image-to-image: the starting image")

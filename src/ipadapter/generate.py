@@ -49,6 +49,7 @@ class GenerateConfig:
     seed: int = 0  # torch.Generator("cpu").manual_seed(seed), as diffusers users write it
     num_images: int = 1  # images per reference
     base: str = "tinyworld"  # diffusers folder, single checkpoint file, hub id, or tinyworld
+    base_config: str = ""  # single checkpoint file: the diffusers folder / hub id with its configs (needed offline)
     adapter: str = "tinyworld-base"  # IP-Adapter file (official layout or ours), or tinyworld-base / tinyworld-plus
     image_encoder: str = ""  # CLIP image encoder folder or hub id (default: the base's image_encoder/)
     init_image: str = ""  # image-to-image: the starting image
@@ -171,7 +172,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         from diffusers import ControlNetModel
 
         controlnet = ControlNetModel.from_pretrained(cfg.controlnet, torch_dtype=torch.float32)
-    pipe = load_pipeline(cfg.base, device=cfg.device, kind=kind, controlnet=controlnet)
+    pipe = load_pipeline(cfg.base, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
     steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"].default

@@ -43,7 +43,7 @@ def resolve_adapter(adapter: str) -> str:
 
 
 def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  kind: str = "text2image", controlnet=None, **kwargs):
+                  kind: str = "text2image", controlnet=None, config: str = "", **kwargs):
     """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.
 
     Args:
@@ -52,6 +52,8 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
         device: where the pipeline runs.
         kind: "text2image", "image2image" or "inpaint".
         controlnet: an optional ControlNetModel (or a list of them).
+        config: for a single checkpoint file, the diffusers folder or hub id whose component configs it follows
+            (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5); needed offline, where diffusers cannot fetch them.
         **kwargs: passed to `from_pretrained` / `from_single_file`.
     """
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
@@ -67,7 +69,8 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         single = StableDiffusionXLPipeline if "xl" in p.name.lower() else StableDiffusionPipeline
-        pipe = single.from_single_file(str(p), torch_dtype=dtype, **kwargs)
+        extra_single = {"config": config} if config else {}
+        pipe = single.from_single_file(str(p), torch_dtype=dtype, **extra_single, **kwargs)
         pipe = classes[kind].from_pipe(pipe, **extra)
     else:
         if p.exists() and not (p / "model_index.json").is_file():
