@@ -225,3 +225,16 @@ def test_instantstyle_content_subtraction_removes_a_text_embedding(setup):
             _run(plus, image=a, content_embeds=torch.ones(encoder.pooled_dim))
     finally:
         plus.detach()
+
+
+def test_prompt_embeds_instead_of_prompt(setup):
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        positive, negative = ours.encode_prompt("a red shape", "cpu", 1, True, "")
+        expected = _run(prompter, image=a, prompt="a red shape")
+        found = _run(prompter, image=a, prompt=None, prompt_embeds=positive, negative_prompt_embeds=negative)
+        assert abs(expected - found).max() <= 1e-6
+    finally:
+        prompter.detach()

@@ -238,6 +238,9 @@ class ImagePrompter:
         """The token groups adapter `slot` gets for `p` in a call with `n_prompts` prompts."""
         adapter = self.adapters[slot]
         check_window(p.start, p.end)
+        if p.prep == "tiles" and p.weights is not None:
+            raise ValueError("weights are per reference image, and tiles turn one image into several: pass weights "
+                             "without prep='tiles', or tile the images yourself and weight the tiles")  # fmt: skip
         ndim = 2 if adapter.config.image_feature == "penultimate" else 1
         refs = references_per_prompt(p.image, n_prompts, ndim)
         negatives = references_per_prompt(p.negative_image, n_prompts, ndim)
@@ -315,7 +318,7 @@ class ImagePrompter:
     def __call__(
         self,
         image: ImageInput | Sequence | None = None,
-        prompt: str | list[str] = "",
+        prompt: str | list[str] | None = "",
         scale: float | Sequence[float] | Mapping = 1.0,
         negative_image: ImageInput | Sequence | None = None,
         face_id: torch.Tensor | None = None,
@@ -364,11 +367,15 @@ class ImagePrompter:
             raise ValueError(f"expected one ImagePrompt per adapter ({len(self.adapters)}), found {len(prompts)}")
         if guidance_scale is None:
             guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
-        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompt is None:  # prompt_embeds given instead: one image prompt row per embedding row
+            embeds = controls.get("prompt_embeds")
+            n_prompts = 1 if embeds is None else int(embeds.shape[0])
+        else:
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         cfg = self._uses_cfg(guidance_scale)
         try:
             for slot, p in enumerate(prompts):
-                self.adapters[slot].state.set_groups(self.groups(slot, p, len(texts), cfg))
+                self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))
             hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
             try:
                 return self.pipe(
