@@ -152,3 +152,18 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
         assert re.search(message, capsys.readouterr().err), message
+
+
+def test_single_file_base_gives_the_folders_pixels(setup, tmp_path):
+    """A community model shared as one original-layout .safetensors file, loaded offline with its configs."""
+    from ldm_format import save_ldm_checkpoint
+
+    root, base, encoder = setup
+    single = save_ldm_checkpoint(base, tmp_path / "model.safetensors")
+    common = ["generate", "--image", str(root / "ref.png"), "--steps", "3", "--seed", "4",
+              "--adapter", str(root / "ip-adapter.safetensors"), "--image-encoder", encoder]  # fmt: skip
+    assert main([*common, "--base", base, "--out", str(tmp_path / "folder")]) == 0
+    assert main([*common, "--base", str(single), "--base-config", base, "--out", str(tmp_path / "file")]) == 0
+    a = np.asarray(Image.open(tmp_path / "folder" / "000004-000.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "file" / "000004-000.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
