@@ -412,5 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"final checkpoint: {final} (use it directly, or `ipadapter convert {final}/adapter.safetensors out.bin --to official`)")
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, from the process that wrote the checkpoint
+        print(f"final checkpoint: {final} (use it directly, or `ipadapter convert {final}/adapter.safetensors out.bin "
+              "--to official`)")  # fmt: skip
     return 0
