@@ -107,3 +107,21 @@ def test_face_embedder_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "insightface.app", fake)
     with pytest.raises(FileNotFoundError, match=r"model pack 'buffalo_l' not found: expected .onnx files in .*models/buffalo_l"):
         FaceEmbedder(root=tmp_path)
+
+
+def test_references_per_prompt_rules():
+    from ipadapter.prompter import load_mask, references_per_prompt
+
+    a, b, c = (Image.new("RGB", (4, 4), x) for x in ("red", "green", "blue"))
+    assert references_per_prompt(a, 3) == [[a], [a], [a]]  # one reference for every prompt
+    assert references_per_prompt([a, b], 2) == [[a], [b]]  # one per prompt
+    assert references_per_prompt([a, b], 1) == [[a, b]]  # several for the one prompt
+    assert references_per_prompt([[a, b], [c]], 2) == [[a, b], [c]]
+    features = torch.randn(2, 8)  # pooled features of two prompts
+    assert [r[0].shape for r in references_per_prompt(features, 2)] == [(8,), (8,)]
+    assert len(references_per_prompt(torch.randn(8), 2)) == 2  # one pooled feature vector for both prompts
+    with pytest.raises(ValueError, match=r"one reference image, or one per prompt \(3\), found 2; to give a prompt"):
+        references_per_prompt([a, b], 3)
+    with pytest.raises(ValueError, match="a mask must be \\(height, width\\), found shape \\(2, 3, 4\\)"):
+        load_mask(torch.zeros(2, 3, 4))
+    assert load_mask(Image.new("L", (4, 2), 255)).tolist() == [[1.0] * 4] * 2
