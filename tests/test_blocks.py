@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from tiny_models import real_unet_on_meta, tiny_unet
 
 from ipadapter.blocks import PRESETS, block_dict_weights, family, layer_weights, preset_weights, transformers

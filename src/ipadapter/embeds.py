@@ -7,7 +7,6 @@ records which encoder and feature produced it; loading checks that against the a
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -26,8 +26,8 @@ from ..variants import get_variant
 from .cache import EmbeddingCache, build_cache, fingerprint
 from .checkpointing import list_checkpoints, load_training_state, resolve_resume, save_checkpoint
 from .config import TrainConfig, field_help
-from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, open_image, read_records
-from .models import FrozenModels, encode_text, load_frozen_models, tokenize_fn
+from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, read_records
+from .models import encode_text, load_frozen_models, tokenize_fn
 
 
 class AdapterTrainingModule(nn.Module):
