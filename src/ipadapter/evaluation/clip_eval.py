@@ -64,6 +64,26 @@ def _done(out: Path) -> dict[int, dict]:
     return found
 
 
+class _SingleProcess:
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _process_state(device: str):
+    """Accelerate's view of the processes (several CPU processes: gloo, as torchrun set up); one process without it."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ImportError("sharding eval clip over processes needs accelerate: `pip install accelerate`") from None
+        return _SingleProcess()
+    return PartialState(cpu=torch.device(device).type == "cpu")
+
+
 def summarize(items: list[dict], cfg: ClipEvalConfig) -> dict:
     n = len(items)
     means = {k: (sum(float(it[k]) for it in items) / n if n else None) for k in SUMMARY_KEYS}
@@ -92,7 +112,6 @@ def markdown(summary: dict) -> str:
 
 def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     """Runs (or resumes) the evaluation; returns the summary (on every process)."""
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from ..adapter import IPAdapter
@@ -111,7 +130,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     if not Path(adapter_path).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter_path}")
     scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
-    state = PartialState(cpu=torch.device(cfg.device).type == "cpu")  # several CPU processes: gloo, as torchrun set up
+    state = _process_state(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     done = _done(out)
