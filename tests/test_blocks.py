@@ -82,3 +82,21 @@ def test_block_dicts_expand_like_diffusers(names):
     with pytest.raises(ValueError, match="keys 'down', 'mid', 'up'; found \\['middle'\\]"):
         block_dict_weights(layer_names, {"middle": 1.0})
     assert layer_weights(layer_names, 0.5) == [0.5] * 70
+
+
+def test_precise_presets_follow_the_community_table(names):
+    from ipadapter.blocks import precise_weights
+
+    layer_names = names["sdxl"]
+    positive, negative = precise_weights(layer_names, "style_precise", 1.0, 0.4)
+    assert {t: w for t, w in _by_transformer(layer_names, positive).items() if w} == {"up_blocks.0.attentions.1": 1.0}
+    assert {t: w for t, w in _by_transformer(layer_names, negative).items() if w} == {"down_blocks.2.attentions.1": 0.4}
+    positive, negative = precise_weights(layer_names, "composition_precise", 0.8, 0.5)
+    neg = _by_transformer(layer_names, negative)
+    assert {t: w for t, w in _by_transformer(layer_names, positive).items() if w} == {"down_blocks.2.attentions.1": 0.8}
+    assert neg["up_blocks.0.attentions.1"] == 0.5 and neg["down_blocks.2.attentions.1"] == 0.0
+    assert neg["mid_block.attentions.0"] == pytest.approx(0.05)
+    sd15 = names["sd15"]
+    _, negative = precise_weights(sd15, "style_precise", 1.0, 1.0)
+    assert {t: w for t, w in _by_transformer(sd15, negative).items() if w} == {
+        "down_blocks.2.attentions.0": 0.25, "down_blocks.2.attentions.1": 1.0}

@@ -238,3 +238,18 @@ def test_prompt_embeds_instead_of_prompt(setup):
         assert abs(expected - found).max() <= 1e-6
     finally:
         prompter.detach()
+
+
+def test_precise_preset_moves_the_reference_to_the_unconditional_side(setup):
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        style = _run(prompter, image=a, preset="style")
+        assert abs(_run(prompter, image=a, preset="style_precise", boost=0.0) - style).max() <= 1e-6
+        assert abs(_run(prompter, image=a, preset="style_precise", boost=1.0) - style).max() > 1e-4
+        # without guidance there is no unconditional side: the precise preset is the plain one
+        no_cfg = _run(prompter, image=a, preset="style", guidance_scale=1.0)
+        assert abs(_run(prompter, image=a, preset="style_precise", guidance_scale=1.0) - no_cfg).max() <= 1e-6
+    finally:
+        prompter.detach()

@@ -33,6 +33,7 @@ PRESETS = (
     "strong_style",
     "strong_style_and_composition",
 )
+PRECISE = ("style_precise", "composition_precise")  # presets that also move the reference to the unconditional side
 
 _TRANSFORMER = re.compile(r"^(down_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.(\d+)|up_blocks\.(\d+)\.attentions\.(\d+))\.")
 
@@ -144,6 +145,39 @@ def preset_weights(
             per_t[t] = wc if preset == "strong_style_and_composition" else 0.0
     weights_by_name = dict(zip(names, per_t))
     return [weights_by_name[transformer_of(n)[0]] for n in layer_names]
+
+
+def precise_weights(layer_names: Sequence[str], preset: str, weight: float = 1.0,
+                    boost: float | None = None) -> tuple[list[float], list[float]]:  # fmt: skip
+    """(λ of the reference, λ of the reference used as a *negative*) per adapted layer, for the "precise" presets
+    (ComfyUI_IPAdapter_plus): in the layers of the other role the reference goes to the unconditional side, so
+    guidance pushes the generation away from its layout (style_precise) or its style (composition_precise) there.
+
+    SDXL: style_precise = style block at `weight`, composition block negative at `boost`; composition_precise =
+    composition block at `weight`, style block negative at `boost`, every other block negative at 0.1 * boost.
+    SD1.5 and other UNets: the same with their style / composition sets (SD1.5's first composition block at 0.25).
+    `boost` defaults to `weight`."""
+    if preset not in PRECISE:
+        raise ValueError(f"unknown precise preset {preset!r}; expected one of {', '.join(PRECISE)}")
+    names = transformers(layer_names)
+    fam = family(layer_names)
+    b = weight if boost is None else boost
+    style, composition, _ = _role_indices(names, fam)
+    quarter = fam == "sd15" or (fam == "generic" and len(composition) > 1)
+    positive, negative = [0.0] * len(names), [0.0] * len(names)
+    if preset == "style_precise":
+        for t in style:
+            positive[t] = weight
+        for i, t in enumerate(composition):
+            negative[t] = 0.25 * b if quarter and i == 0 else b
+    else:
+        for i, t in enumerate(composition):
+            positive[t] = 0.25 * weight if quarter and i == 0 else weight
+        for t in range(len(names)):
+            if t not in composition:
+                negative[t] = b if t in style else 0.1 * b
+    pos_by, neg_by = dict(zip(names, positive)), dict(zip(names, negative))
+    return ([pos_by[transformer_of(n)[0]] for n in layer_names], [neg_by[transformer_of(n)[0]] for n in layer_names])
 
 
 def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[float]:

@@ -33,6 +33,7 @@ class GenerateConfig:
     scale: float = 1.0  # image prompt weight lambda
     preset: str = ""  # per-block preset: style, composition, style_and_composition, ease_in, ... (blocks.PRESETS)
     composition_scale: float | None = None  # composition weight of style_and_composition presets
+    boost: float | None = None  # style_precise / composition_precise: weight of the reference as a negative
     composition_image: str = ""  # style_and_composition with two images: the layout reference
     mask: str = ""  # mask image: the image prompt acts only where it is white
     content_text: str = ""  # InstantStyle: remove this text's embedding from the image embedding (pooled adapters)
@@ -65,7 +66,7 @@ class GenerateConfig:
 
 def check_inputs(cfg: GenerateConfig) -> None:
     """Every file and value is checked before any model is loaded (errors name what was expected and found)."""
-    from .blocks import PRESETS
+    from .blocks import PRECISE, PRESETS
     from .combine import COMBINE_MODES
     from .references import PREP_MODES
     from .sources import resolve_adapter
@@ -95,8 +96,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"expected 0 <= --start <= --end <= 1, found {cfg.start} and {cfg.end}")
     if not 0 < cfg.strength <= 1:
         raise ValueError(f"--strength must be in (0, 1], found {cfg.strength}")
-    if cfg.preset and cfg.preset not in PRESETS:
-        raise ValueError(f"unknown --preset {cfg.preset!r}; expected one of {', '.join(PRESETS)}")
+    if cfg.preset and cfg.preset not in (*PRESETS, *PRECISE):
+        raise ValueError(f"unknown --preset {cfg.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
     if cfg.combine not in COMBINE_MODES:
         raise ValueError(f"unknown --combine {cfg.combine!r}; expected one of {', '.join(COMBINE_MODES)}")
     if cfg.prep not in PREP_MODES:
@@ -211,6 +212,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         content = TextEmbedder.from_pretrained(cfg.content_text_encoder or "tinyworld").encode(cfg.content_text)
     prompt = ImagePrompt(
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
+        boost=cfg.boost,
         composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
         weights=cfg.weights or None, prep=cfg.prep,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .adapter import IPAdapter
-from .blocks import layer_weights
+from .blocks import PRECISE, layer_weights, precise_weights
 from .combine import combine_features, concat_tokens
 from .encoders import ImageEncoder, check_encoder
 from .images import load_image
@@ -52,6 +52,7 @@ class ImagePrompt:
     preset: str | None = None  # per-block preset (blocks.PRESETS): "style", "composition", "ease_in", ...
     composition_scale: float | None = None  # composition weight of "style_and_composition" presets
     composition_image: ImageInput | Sequence | None = None  # with a style_and_composition preset: the layout image
+    boost: float | None = None  # style_precise / composition_precise: λ of the reference as a negative (default: scale)
     combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
     weights: Sequence[float] | None = None  # one weight per reference (same for every prompt)
     prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
@@ -289,6 +290,14 @@ class ImagePrompter:
             comp_cond, comp_uncond = tokens(references_per_prompt(p.composition_image, n_prompts, ndim))
             return [TokenGroup(cond, uncond if cfg else None, style, window, mask),
                     TokenGroup(comp_cond, comp_uncond if cfg else None, composition, window, mask)]  # fmt: skip
+        if p.preset in PRECISE:
+            if not isinstance(p.scale, (int, float)):
+                raise ValueError(f"a preset takes one number as scale, found {type(p.scale).__name__}")
+            positive, negative = precise_weights(names, p.preset, float(p.scale), p.boost)
+            groups = [TokenGroup(cond, uncond if cfg else None, positive, window, mask)]
+            if cfg:  # the reference on the unconditional side of those layers (no CFG: nothing to push from)
+                groups.append(TokenGroup(torch.zeros_like(cond), cond, negative, window, mask))
+            return groups
         scales = layer_weights(names, p.scale, p.preset, p.composition_scale)
         return [TokenGroup(cond, uncond if cfg else None, scales, window, mask)]
 
