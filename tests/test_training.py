@@ -239,3 +239,17 @@ def test_bad_settings_are_clear_errors(world, tmp_path):
         train(_cfg(world, tmp_path / "run", data=str(tmp_path / "nothing.json")), show_progress=False)
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         train(_cfg(world, tmp_path / "run2", variant="huge"), show_progress=False)
+
+
+def test_tensorboard_gets_loss_and_throughput_when_installed(world, tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    train(_cfg(world, tmp_path / "run", max_steps=3), show_progress=False)
+    events = sorted((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    steps: dict[str, list[int]] = {}
+    for path in events:
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    assert steps["loss"] == [1, 2, 3] and steps["samples_per_s"] == [1, 2, 3] and steps["lr"] == [1, 2, 3]
