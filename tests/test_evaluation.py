@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tiny_models import free_port
 
 from ipadapter.cli import main
 from ipadapter.evaluation.clip_score import ClipScorer, clipscore
@@ -99,7 +100,7 @@ def test_eval_clip_shards_pairs_over_two_processes(tmp_path):
     import subprocess
 
     # `accelerate launch --cpu --num_processes 2` starts one process (accelerate 1.15); torchrun starts two
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ipadapter.cli", "eval", "clip",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ipadapter.cli", "eval", "clip",
            "--data", "tinyworld:5:3", "--images-per-pair", "1", "--steps", "2", "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import make_sd_folder, make_world_folder
+from tiny_models import free_port, make_sd_folder, make_world_folder
 
 from ipadapter import load_adapter
 from ipadapter.training import TrainConfig, train
@@ -169,7 +169,7 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
 def test_two_processes_train_one_checkpoint(world, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); torchrun starts two, and
     # the trainer then sets Accelerate up for gloo on CPU.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ipadapter.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ipadapter.train",
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
            "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,

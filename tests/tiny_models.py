@@ -215,3 +215,12 @@ def make_proportional_sd15(path, width: float = 0.5, resolution: int = 256, seed
     CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(
         path / "image_encoder")
     return str(path / "sd15-proportional"), str(path / "image_encoder")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
