@@ -17,7 +17,11 @@ from tiny_models import free_port, make_sd_folder, make_world_folder
 
 from ipadapter import load_adapter
 from ipadapter.training import TrainConfig, train
-from ipadapter.training.checkpointing import list_checkpoints, load_training_state, resolve_resume
+from ipadapter.training.checkpointing import (
+    list_checkpoints,
+    load_training_state,
+    resolve_resume,
+)
 from ipadapter.training.data import iter_webdataset, read_records
 
 
