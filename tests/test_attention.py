@@ -188,3 +188,32 @@ def test_missing_image_prompt_is_a_clear_error(unet):
     with pytest.raises(ValueError, match="already attached"):
         adapter.attach(unet).attach(unet)
     adapter.detach()
+
+
+@pytest.mark.parametrize("mode", ["kv", "kv_penalty", "k_mean_v_penalty"])
+def test_scaling_modes_put_the_scale_inside_the_attention(unet, mode):
+    import torch.nn.functional as F
+
+    from ipadapter.state import TokenGroup
+
+    adapter = _adapter(unet).attach(unet)
+    tokens = adapter.project(image=torch.randn(2, 40, generator=torch.Generator().manual_seed(3)))
+    branch = next(b for p in adapter._processors for b in p[1].image_branches if b.owner is adapter)
+    layer = branch.layer
+    query = torch.randn(2, 2, 5, layer.to_k_ip.out_features // 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        adapter.state.set_groups([TokenGroup(tokens, scaling=mode, layer_scales=[0.7] * adapter.config.num_layers)])
+        found = branch(query, heads=2)
+        k = layer.to_k_ip(tokens).view(2, -1, 2, query.shape[-1]).transpose(1, 2)
+        v = layer.to_v_ip(tokens).view(2, -1, 2, query.shape[-1]).transpose(1, 2)
+        w = 0.7 if mode == "kv" else 0.7 * layer.to_k_ip.out_features / 1280
+        if mode == "k_mean_v_penalty":
+            mean = v.mean(2, keepdim=True)
+            expected = F.scaled_dot_product_attention(query, w * k, v - mean + w * mean)
+        else:
+            expected = F.scaled_dot_product_attention(query, w * k, w * v)
+        plain = 0.7 * F.scaled_dot_product_attention(query, k, v)
+    assert torch.allclose(found, expected, atol=1e-6) and not torch.allclose(found, plain, atol=1e-4)
+    adapter.detach()
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        TokenGroup(tokens, scaling="k")

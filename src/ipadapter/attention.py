@@ -60,16 +60,40 @@ class ImageBranch:
         key = (group, self.layer_index, batch, query.dtype, query.device)
         kv = self.state.cached(key)
         if kv is None:
-            tokens = self.state.tokens_for(batch, group)  # (B, T, C)
-            weight = self.layer.to_k_ip.weight
-            tokens = tokens.to(device=weight.device, dtype=weight.dtype)
-            k = self.layer.to_k_ip(tokens).to(query.dtype)  # (B, T, H*Dh)
-            v = self.layer.to_v_ip(tokens).to(query.dtype)
-            k = k.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, T, Dh)
-            v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
-            kv = (k, v)
+            kv = self._project_tokens(group, batch, query, heads, head_dim)
             self.state.store(key, kv)
         return kv
+
+    def _scaled_keys_values(self, group: int, query: torch.Tensor, heads: int, scale: float,
+                            mode: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Keys/values with λ inside the attention (ComfyUI_IPAdapter_plus's embeds scaling): "kv" scales K and V;
+        "kv_penalty" scales both by λ * C / 1280 (C = the layer's width); "k_mean_v_penalty" scales K by that and only
+        V's mean over tokens. Scaling K sharpens or flattens the softmax, so these are not linear in λ."""
+        batch, _, _, head_dim = query.shape
+        key = (group, self.layer_index, batch, query.dtype, query.device, mode, scale)
+        kv = self.state.cached(key)
+        if kv is None:
+            k, v = self._keys_values(group, query, heads)
+            w = scale if mode == "kv" else scale * heads * head_dim / 1280
+            if mode == "k_mean_v_penalty":
+                mean = v.mean(dim=2, keepdim=True)  # (B, H, 1, Dh) over the image tokens
+                kv = (k * w, v - mean + w * mean)
+            else:
+                kv = (k * w, v * w)
+            self.state.store(key, kv)
+        return kv
+
+    def _project_tokens(self, group: int, batch: int, query: torch.Tensor, heads: int,
+                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The group's image tokens for this batch -> keys, values (B, H, T, Dh) in the query's dtype."""
+        tokens = self.state.tokens_for(batch, group)  # (B, T, C)
+        weight = self.layer.to_k_ip.weight
+        tokens = tokens.to(device=weight.device, dtype=weight.dtype)
+        k = self.layer.to_k_ip(tokens).to(query.dtype)  # (B, T, H*Dh)
+        v = self.layer.to_v_ip(tokens).to(query.dtype)
+        k = k.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
+        return k, v
 
     def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None) -> torch.Tensor | None:
         """query: (B, H, L, Dh). Returns the scaled image attention in the same layout (B, H, L, Dh), to be added to
@@ -77,12 +101,16 @@ class ImageBranch:
         batch, _, length, _ = query.shape
         total = None
         for group, scale in self.acting() if acting is None else acting:
-            k, v = self._keys_values(group, query, heads)
+            mode = self.state.groups[group].scaling
+            if mode == "v":
+                k, v = self._keys_values(group, query, heads)
+            else:
+                k, v = self._scaled_keys_values(group, query, heads, scale, mode)
             out = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
             mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
             if mask is not None:
                 out = out * mask.to(device=out.device, dtype=out.dtype)[:, None]  # (B, 1, L, 1)
-            if scale != 1:
+            if scale != 1 and mode == "v":
                 out = scale * out
             total = out if total is None else total + out
         return total

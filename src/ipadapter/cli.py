@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "strong_style_and_composition, ease_in, ease_out, ease_in_out, reverse_in_out, "
                                     "weak_input, weak_output, weak_middle, strong_middle, linear, style_precise, composition_precise")  # fmt: skip
     p.add_argument("--composition-scale", type=float, help="composition weight of style_and_composition presets")
+    p.add_argument("--scaling", help="where the scale acts: v (output; default), kv, kv_penalty, k_mean_v_penalty")
     p.add_argument("--boost", type=float, help="style_precise / composition_precise: weight of the reference as a negative")
     p.add_argument("--composition-image", help="style_and_composition with two images: the layout reference")
     p.add_argument("--mask", help="mask image: the image prompt acts only where it is white")

@@ -34,6 +34,7 @@ class GenerateConfig:
     preset: str = ""  # per-block preset: style, composition, style_and_composition, ease_in, ... (blocks.PRESETS)
     composition_scale: float | None = None  # composition weight of style_and_composition presets
     boost: float | None = None  # style_precise / composition_precise: weight of the reference as a negative
+    scaling: str = "v"  # where the scale acts: v (output), kv, kv_penalty, k_mean_v_penalty
     composition_image: str = ""  # style_and_composition with two images: the layout reference
     mask: str = ""  # mask image: the image prompt acts only where it is white
     content_text: str = ""  # InstantStyle: remove this text's embedding from the image embedding (pooled adapters)
@@ -98,6 +99,10 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"--strength must be in (0, 1], found {cfg.strength}")
     if cfg.preset and cfg.preset not in (*PRESETS, *PRECISE):
         raise ValueError(f"unknown --preset {cfg.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
+    from .state import SCALINGS
+
+    if cfg.scaling not in SCALINGS:
+        raise ValueError(f"unknown --scaling {cfg.scaling!r}; expected one of {', '.join(SCALINGS)}")
     if cfg.combine not in COMBINE_MODES:
         raise ValueError(f"unknown --combine {cfg.combine!r}; expected one of {', '.join(COMBINE_MODES)}")
     if cfg.prep not in PREP_MODES:
@@ -212,7 +217,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         content = TextEmbedder.from_pretrained(cfg.content_text_encoder or "tinyworld").encode(cfg.content_text)
     prompt = ImagePrompt(
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
-        boost=cfg.boost,
+        boost=cfg.boost, scaling=cfg.scaling,
         composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
         weights=cfg.weights or None, prep=cfg.prep,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,

@@ -53,6 +53,7 @@ class ImagePrompt:
     composition_scale: float | None = None  # composition weight of "style_and_composition" presets
     composition_image: ImageInput | Sequence | None = None  # with a style_and_composition preset: the layout image
     boost: float | None = None  # style_precise / composition_precise: λ of the reference as a negative (default: scale)
+    scaling: str = "v"  # where λ acts: v (output, the paper's), kv, kv_penalty, k_mean_v_penalty (see docs/controls.md)
     combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
     weights: Sequence[float] | None = None  # one weight per reference (same for every prompt)
     prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
@@ -237,6 +238,9 @@ class ImagePrompter:
     @torch.no_grad()
     def groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
         """The token groups adapter `slot` gets for `p` in a call with `n_prompts` prompts."""
+        return [replace(g, scaling=p.scaling) for g in self._groups(slot, p, n_prompts, cfg)]
+
+    def _groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
         adapter = self.adapters[slot]
         check_window(p.start, p.end)
         if p.prep == "tiles" and p.weights is not None:
@@ -319,7 +323,7 @@ class ImagePrompter:
         groups = []
         for j, region in enumerate(regions):
             single_j = replace(single, image=[[r[j]] for r in refs or []])
-            (group,) = self.groups(slot, single_j, n_prompts, cfg)
+            (group,) = self._groups(slot, single_j, n_prompts, cfg)
             groups.append(replace(group, layer_scales=[s * weights[j] for s in scales], mask=masks_tensor(region, 1)))
         return groups
 

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 
+SCALINGS = ("v", "kv", "kv_penalty", "k_mean_v_penalty")  # ComfyUI_IPAdapter_plus's embeds_scaling modes
+
+
 @dataclass
 class TokenGroup:
     """One set of image tokens an adapter attends to, with where, when and how strongly it acts."""
@@ -34,8 +37,11 @@ class TokenGroup:
     layer_scales: Sequence[float] | None = None  # λ per adapted layer; None: the adapter's
     window: tuple[float, float] | None = None  # (start, end) fractions of the denoising; None: the adapter's
     mask: torch.Tensor | None = None  # (N or 1, H, W) in [0, 1]: where in the image this group acts; None: everywhere
+    scaling: str = "v"  # where λ acts: "v" (on the output, the paper), "kv", "kv_penalty", "k_mean_v_penalty"
 
     def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, found {self.scaling!r}")
         if self.cond.ndim != 3:
             raise ValueError(f"image tokens must be (batch, tokens, dim), found shape {tuple(self.cond.shape)}")
         if self.uncond is not None and self.uncond.shape != self.cond.shape:
