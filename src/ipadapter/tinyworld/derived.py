@@ -101,12 +101,12 @@ def _train(model, loss_fn, steps: int, lr: float, log_every: int = 100, ema_deca
             for k, v in model.state_dict().items():
                 if v.dtype.is_floating_point:
                     ema[k].mul_(decay).add_(v.float(), alpha=1 - decay)
-        running, count = running + float(loss), count + 1
+        running, count = running + float(loss.detach()), count + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
             logger.info("step %d/%d  loss %.4f  %.2fs/step", step + 1, steps, running / count,
                         (time.time() - started) / (step + 1))  # fmt: skip
             running, count = 0.0, 0
-    return ema, time.time() - started, float(loss)
+    return ema, time.time() - started, float(loss.detach())
 
 
 def _load_parts(base: str):
