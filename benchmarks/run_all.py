@@ -38,7 +38,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], str]] = {
         "the same at SD1.5 + ViT-H proportions (real depths, half widths, random weights)",
     ),
     "tinyworld_targets": (
-        ["--n", "200"],
+        ["--n", "200", "--out", "docs/tinyworld_targets.md"],  # relative to the repository (the cwd)
         ["--n", "40", "--scales", "0,0.5,1.0"],
         "the tiny world's targets: text PF, image CP, image + text CP / PF and the scale sweep",
     ),
@@ -79,7 +79,7 @@ def main() -> None:
         cmd = [sys.executable, str(script_of(name)), *extra]
         print("running", " ".join(cmd[1:]), flush=True)
         started = time.time()
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
         seconds = time.time() - started
         output = result.stdout.strip() if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]
         lines += [f"## {name}", "", what + ".", "", "```", f"$ python benchmarks/{script_of(name).name} {' '.join(extra)}",

@@ -26,13 +26,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--out", default="", help="also write the tables to this Markdown file")
+    parser.add_argument("--device", default="cpu", help="where the pipeline runs (the noise is drawn on the CPU)")
     args = parser.parse_args()
     settings = EvalSettings(n=args.n, steps=args.steps, guidance_scale=args.guidance)
     scales = [float(s) for s in args.scales.split(",")]
     started = time.perf_counter()
     sections, summary = [], {}
     for variant in ("base", "plus"):
-        pipe, prompter, reader = load_tinyworld(f"tinyworld-{variant}")
+        pipe, prompter, reader = load_tinyworld(f"tinyworld-{variant}", device=args.device)
         results = []
         if variant == "base":
             text = evaluate(pipe, prompter, reader, "text", settings=settings)

@@ -27,36 +27,46 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def official_style(cfg, steps: int) -> float:
-    """samples/s of a tutorial_train.py-style loop: every frozen model runs every step, no cache."""
+def official_style(cfg, steps: int, device: torch.device) -> float:
+    """samples/s of a tutorial_train.py-style loop: every frozen model runs every step, no cache. As there, the
+    frozen models are cast to the mixed-precision dtype and the adapter stays float32 under autocast."""
     from ipadapter import IPAdapter
     from ipadapter.training.data import TrainDataset, collate, read_records
     from ipadapter.training.models import load_frozen_models, tokenize_fn
 
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     models = load_frozen_models(cfg.base, cfg.image_encoder, True)
+    for frozen in (models.unet, models.vae, models.image_encoder.model, *models.text_encoders):
+        frozen.to(device, dtype)
     torch.manual_seed(0)
     adapter = IPAdapter.for_unet(models.unet, "base", image_embed_dim=models.image_encoder.pooled_dim).attach(models.unet)
+    adapter.to(device)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-4, weight_decay=0.01)
     tokenize = tokenize_fn(models.tokenizers)
     dataset = TrainDataset(read_records(cfg.data), cfg.resolution, models.image_encoder.processor, tokenize)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+                        num_workers=cfg.num_workers)  # fmt: skip
     scheduler, sf = models.noise_scheduler, models.vae.config.scaling_factor
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     done, started = 0, None
     while done < steps + 2:
         for batch in loader:
             if done == 2:
+                _sync(device)
                 started, seen = time.perf_counter(), 0  # two warm-up steps
             with torch.no_grad():
-                latents = models.vae.encode(batch["pixels"]).latent_dist.sample() * sf
-                image_embeds = models.image_encoder.model(batch["clip_pixels"]).image_embeds
-                drop = torch.rand(len(image_embeds)) < 0.05
+                pixels = batch["pixels"].to(device, dtype)
+                latents = models.vae.encode(pixels).latent_dist.sample() * sf
+                image_embeds = models.image_encoder.model(batch["clip_pixels"].to(device, dtype)).image_embeds
+                drop = torch.rand(len(image_embeds), device=device) < 0.05
                 image_embeds = torch.where(drop[:, None], torch.zeros_like(image_embeds), image_embeds)
-                text = models.text_encoders[0](batch["input_ids"][0])[0]
+                text = models.text_encoders[0](batch["input_ids"][0].to(device))[0]
             noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),))
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), device=device)
             noisy = scheduler.add_noise(latents, noise, t)
-            adapter.set_tokens(adapter.project(image=image_embeds))
-            loss = F.mse_loss(models.unet(noisy, t, text).sample.float(), noise.float())
+            with autocast:
+                adapter.set_tokens(adapter.project(image=image_embeds.float()))
+                loss = F.mse_loss(models.unet(noisy, t, text).sample.float(), noise.float())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -65,7 +75,13 @@ def official_style(cfg, steps: int) -> float:
                 seen += len(latents)
             if done >= steps + 2:
                 break
+    _sync(device)
     return seen / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def ours(cfg) -> tuple[float, float]:
@@ -89,8 +105,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps for each loop")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--proportions", choices=["sd15"], default=None,
-                        help="instead of --base: SD1.5 + ViT-H at real depths, half widths (random weights)")
+                        help="instead of --base: SD1.5 + ViT-H at real depths and --width times their widths "
+                        "(random weights)")  # fmt: skip
+    parser.add_argument("--width", type=float, default=0.5, help="width factor for --proportions (1.0: real size)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
+                        help="both loops: frozen models in this dtype, adapter float32 under autocast")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both loops (decoding)")
     args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate puts our trainer
     if args.threads:
         torch.set_num_threads(args.threads)
     from tiny_models import make_proportional_sd15, make_world_folder
@@ -100,14 +122,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_world_folder(Path(tmp) / "data", args.samples, seed=1, size=args.resolution)
         if args.proportions == "sd15":
-            args.base, args.image_encoder = make_proportional_sd15(Path(tmp) / "models", 0.5, args.resolution)
+            args.base, args.image_encoder = make_proportional_sd15(Path(tmp) / "models", args.width, args.resolution)
         cfg = TrainConfig(base=args.base, image_encoder=args.image_encoder, data=data, resolution=args.resolution,
                           batch_size=args.batch_size, max_steps=args.steps + 2, save_every=10**9,
-                          cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1)
-        baseline = official_style(cfg, args.steps)
+                          cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1,
+                          mixed_precision=args.mixed_precision, num_workers=args.workers)  # fmt: skip
+        baseline = official_style(cfg, args.steps, device)
         cached, cache_seconds = ours(cfg)
-    print(f"model: {'SD1.5 + ViT-H proportions (half widths)' if args.proportions else args.base}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, "
-          f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
+    model = f"SD1.5 + ViT-H proportions (widths x{args.width:g})" if args.proportions else args.base
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
+          f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
     print(f"{'loop':<44}{'samples/s':>10}")
     print(f"{'official-style (encoders every step, no cache)':<44}{baseline:>10.1f}")
     print(f"{'ipadapter train --cache-embeddings':<44}{cached:>10.1f}")

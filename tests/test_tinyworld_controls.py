@@ -1,6 +1,6 @@
 """Each generation control's effect, measured on the shipped tiny world with the attribute reader (not just shapes):
 presets split appearance from geometry, averaged references carry attributes of both, a negative image pushes its
-attributes out. Seeds are fixed, so every run measures the same images."""
+attributes out, a mask confines the reference's shape. Seeds are fixed, so every run measures the same images."""
 
 from __future__ import annotations
 
@@ -66,3 +66,39 @@ def test_negative_image_pushes_its_attributes_out(world):
     plain = _reads(world, references)
     pushed = _reads(world, references, negative_image=references)  # the same image on the unconditional side
     assert _kept(scenes, pushed, list(ATTRIBUTES)) <= _kept(scenes, plain, list(ATTRIBUTES)) - 0.1
+
+
+def test_mask_puts_the_references_shape_inside_the_mask_and_not_outside(world):
+    """A reference's shape sits on one side (left / top); the mask covers the other half. The generated shape moves
+    into the mask and keeps the reference's colour, and appears on the reference's own side (outside the mask) no
+    more often than with no adapter. A mask over the reference's own side keeps its position."""
+    size = 24
+    inside = outside = off_inside = off_outside = 0
+    colour, off_colour, own_side = [], [], []
+    for side, other, away in (("left", "right", _half("right")), ("top", "bottom", _half("bottom"))):
+        scenes = [replace(s, position=side, size="medium") for s in held_out_scenes(size, 31)]
+        references = [render(s) for s in scenes]
+        masked = _reads(world, references, mask=away)
+        off = _reads(world, references, scale=0.0)
+        covered = _reads(world, references, mask=1 - away)
+        inside += sum(r.position == other for r in masked)
+        outside += sum(r.position == side for r in masked)
+        off_inside += sum(r.position == other for r in off)
+        off_outside += sum(r.position == side for r in off)
+        colour.append(_kept(scenes, masked, ("color",)))
+        off_colour.append(_kept(scenes, off, ("color",)))
+        own_side.append(_kept(scenes, covered, ("position",)))
+    n = 2 * size
+    assert inside / n >= off_inside / n + 0.2, (inside, off_inside)  # the shape moves into the mask
+    assert outside / n <= off_outside / n + 0.05, (outside, off_outside)  # and not onto the reference's own side
+    assert min(colour) >= max(off_colour) + 0.3, (colour, off_colour)  # it is the reference's shape
+    assert min(own_side) >= 0.9, own_side
+
+
+def _half(name: str) -> torch.Tensor:
+    """A 64x64 mask, white on one half: left, right, top or bottom."""
+    mask = torch.zeros(64, 64)
+    rows, cols = {"left": (slice(None), slice(0, 32)), "right": (slice(None), slice(32, None)),
+                  "top": (slice(0, 32), slice(None)), "bottom": (slice(32, None), slice(None))}[name]  # fmt: skip
+    mask[rows, cols] = 1
+    return mask

@@ -4,6 +4,8 @@
     python -m ipadapter.tinyworld.build --out runs/tinyworld --scale full --threads 2     # hours on 2 CPU cores
     python -m ipadapter.tinyworld.build --out /tmp/tw --scale smoke                       # seconds; used by tests
 
+`--recipe cpu|cuda` picks whose preset is used independently of `--device` (e.g. the CPU recipe trained on a GPU).
+
 Stages, each writing DIR/<stage>/ and finally DIR/<stage>/done.json (config, steps, seconds, its check):
 
     tokenizer  word-level CLIPTokenizer                     check: every word one token, captions round-trip
@@ -76,12 +78,11 @@ STOPPED_EARLY = 3  # exit status when --stop-after interrupted a stage (rerun to
 # CPU: measured on one core of a shared 2-core machine (torch 2.13, 1 thread) at the full-scale CPU batch sizes
 #   (clip 128, vae 16, unet 32); scaled linearly with batch size.
 CPU_SECONDS_PER_STEP = {"clip": 0.64, "vision": 0.64, "vae": 0.61, "unet": 0.69, "adapters": 1.2}  # adapters: both variants
-# CUDA (H200, bf16 autocast): steps are bound by eager dispatch (one UNet step is about 26k aten calls), not by
-#   arithmetic, so up to the full-scale batch sizes the time hardly depends on the batch. Measured with an earlier
-#   version that built captions in Python and synchronised with the host every step: clip 0.062 s (batch 512), vae
-#   0.037 s (batch 64), unet 0.19 s (batch 256, first 20 steps); the figures below remove those overheads and are
-#   estimates until a full CUDA build has been timed.
-CUDA_SECONDS_PER_STEP = {"clip": 0.04, "vision": 0.04, "vae": 0.037, "unet": 0.13}
+# CUDA (H200, bf16 autocast): steps are bound by eager dispatch, not by arithmetic, so up to the full-scale batch
+#   sizes the time hardly depends on the batch. unet: measured 0.104 s/step at batch 1024 (--nondeterministic, alone
+#   on the GPU; 1800 steps in 254 s beside a second run). clip, vision, vae: measured with an earlier version that
+#   synchronised with the host every step (clip 0.062 s at batch 512, vae 0.037 s at batch 64), estimates below.
+CUDA_SECONDS_PER_STEP = {"clip": 0.04, "vision": 0.04, "vae": 0.037, "unet": 0.104}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,8 +235,8 @@ def _smoke(device: str) -> BuildConfig:
 
 def _full(device: str) -> BuildConfig:
     """The full build. CPU: about 3.5 hours at 1 thread with the vision stage (less on 2 cores, estimated from
-    measured steps). CUDA: about 7 minutes on an H200 (est.),
-    with 8-64x larger batches and fewer steps, since a GPU step costs about the same up to these batch sizes."""
+    measured steps). CUDA: 8-64x larger batches and fewer steps, since a GPU step costs about the same up to these
+    batch sizes; its UNet (1800 steps of 1024, 4 minutes on an H200) sees 7x the samples of the CPU recipe's."""
     if device == "cuda":
         return BuildConfig(
             scale="full",
@@ -246,7 +247,7 @@ def _full(device: str) -> BuildConfig:
                                    checkpoint_every=400, log_every=200),  # fmt: skip
             vae=VaeTrainConfig(steps=2_500, batch_size=128, lr=1e-3, warmup=100, checkpoint_every=500,
                                log_every=250),  # fmt: skip
-            unet=UNetTrainConfig(steps=2_000, batch_size=1024, lr=1e-3, warmup=200, ema_decay=0.998,
+            unet=UNetTrainConfig(steps=1_800, batch_size=1024, lr=1e-3, warmup=200, ema_decay=0.998,
                                  checkpoint_every=500, log_every=250, check_samples=256),  # fmt: skip
             adapters=AdaptersConfig(num_train=20_000, steps=3_000, batch_size=128, checkpoint_every=1_000,
                                     check_references=256),  # fmt: skip
@@ -1399,6 +1400,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (bf16 on cuda)")
     parser.add_argument("--scale", default="full", choices=tuple(SCALES), help="preset: smoke (seconds) or full")
+    parser.add_argument("--recipe", default=None, choices=("cpu", "cuda"),
+                        help="whose hyperparameters the preset uses (default: the --device's); e.g. --device cuda "
+                        "--recipe cpu trains the CPU recipe on a GPU")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="base seed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -1428,7 +1432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected names from {STAGES}")
     device = _configure_device(args.device, args.threads, deterministic=not args.nondeterministic)
-    config = apply_overrides(SCALES[args.scale](device.type), args.overrides)
+    config = apply_overrides(SCALES[args.scale](args.recipe or device.type), args.overrides)
     config.seed = args.seed
     ctx = Context(out=Path(args.out), config=config, device=device, stop_after=args.stop_after)
     ctx.out.mkdir(parents=True, exist_ok=True)
