@@ -5,6 +5,7 @@
 Each benchmark measures its comparisons side by side in one run and prints the ratios; this runner only collects
 them with the machine, versions and the exact command, so the numbers in the document are produced, not typed.
 `--quick` uses smaller settings (minutes instead of tens of minutes on 2 CPU cores).
+`--only` reruns the named benchmarks and keeps the other sections of the existing file.
 """
 
 from __future__ import annotations
@@ -62,15 +63,9 @@ def main() -> None:
         raise SystemExit(f"unknown benchmarks {unknown}; expected names from {list(BENCHMARKS)}")
     import torch
 
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
-        f"{datetime.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-        f"{platform.system()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"{args.threads} torch thread(s). Every ratio below was measured side by side in one run.",
-        "",
-    ]
+    machine = (f"{platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
+               f"torch {torch.__version__}, {args.threads} torch thread(s)")  # fmt: skip
+    sections = read_sections(Path(args.out)) if args.only else {}  # --only keeps the other benchmarks' sections
     for name in names:
         full, quick, what = BENCHMARKS[name]
         extra = quick if args.quick else full
@@ -82,12 +77,38 @@ def main() -> None:
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
         seconds = time.time() - started
         output = result.stdout.strip() if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]
-        lines += [f"## {name}", "", what + ".", "", "```", f"$ python benchmarks/{script_of(name).name} {' '.join(extra)}",
-                  output, "```", "", f"({seconds:.0f} s{'' if result.returncode == 0 else f', FAILED with exit code {result.returncode}'})", ""]  # fmt: skip
+        status = "" if result.returncode == 0 else f", FAILED with exit code {result.returncode}"
+        sections[name] = "\n".join([
+            f"## {name}", "", what + ".", "", "```", f"$ python benchmarks/{script_of(name).name} {' '.join(extra)}",
+            output, "```", "", f"({seconds:.0f} s on {datetime.date.today().isoformat()}{status}; {machine})", "",
+        ])  # fmt: skip
         print(output, flush=True)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}`; each section names the day and "
+        "machine it was measured on. Every ratio below was measured side by side in one run.",
+        "",
+    ]
+    lines += [sections[name] for name in BENCHMARKS if name in sections]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print("wrote", args.out)
+
+
+def read_sections(path: Path) -> dict[str, str]:
+    """The `## name` sections of an existing benchmarks file, by benchmark name."""
+    if not path.is_file():
+        return {}
+    sections: dict[str, str] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            name = line[3:].strip()
+            sections[name] = line
+        elif name is not None:
+            sections[name] += "\n" + line
+    return {k: v for k, v in sections.items() if k in BENCHMARKS}
 
 
 if __name__ == "__main__":

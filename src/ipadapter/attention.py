@@ -95,11 +95,16 @@ class ImageBranch:
         v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
         return k, v
 
-    def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None) -> torch.Tensor | None:
+    def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None,
+                 into: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
         """query: (B, H, L, Dh). Returns the scaled image attention in the same layout (B, H, L, Dh), to be added to
-        the text attention before heads are merged, or None if no group acts. `acting`: `acting()` if known."""
+        the text attention before heads are merged, or None if no group acts. `acting`: `acting()` if known.
+
+        With `into` (the text attention, same layout) the result is `into` plus the image attention; outside autograd
+        the sum is accumulated in place (no extra tensor per layer; the same values as the out-of-place sum)."""
         batch, _, length, _ = query.shape
-        total = None
+        inplace = into is not None and not torch.is_grad_enabled()
+        total = into
         for group, scale in self.acting() if acting is None else acting:
             mode = self.state.groups[group].scaling
             if mode == "v":
@@ -110,9 +115,13 @@ class ImageBranch:
             mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
             if mask is not None:
                 out = out * mask.to(device=out.device, dtype=out.dtype)[:, None]  # (B, 1, L, 1)
-            if scale != 1 and mode == "v":
-                out = scale * out
-            total = out if total is None else total + out
+            weight = scale if mode == "v" else 1.0
+            if total is None:
+                total = out if weight == 1 else weight * out
+            elif inplace:
+                total.add_(out, alpha=weight)
+            else:
+                total = total + (out if weight == 1 else weight * out)
         return total
 
 
@@ -205,9 +214,7 @@ class DecoupledAttnProcessor:
         # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5). Added
         # while heads are still split: elementwise the same sum, one head merge instead of one per branch.
         for branch, acting in branches:
-            image_attention = branch(query, attn.heads, acting)
-            if image_attention is not None:
-                hidden_states = hidden_states + image_attention
+            hidden_states = branch(query, attn.heads, acting, into=hidden_states)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, L, H*Dh)
         hidden_states = hidden_states.to(query.dtype)
 
