@@ -100,8 +100,11 @@ def control_and_image(controlnet_dir: Path, settings: EvalSettings) -> list[list
         b = replace(a, **{n: rng.choice([v for v in ATTRIBUTES[n] if v != getattr(a, n)]) for n in ATTRIBUTES})
         pairs.append((a, b, rng.getrandbits(32)))
     rows = []
-    for label, use_control, use_image in (("control only", True, False), ("image prompt only", False, True),
-                                          ("control + image prompt", True, True)):  # fmt: skip
+    for label, use_control, scale, preset in (("control only", True, 0.0, None),
+                                              ("image prompt only", False, 1.0, None),
+                                              ("control + image prompt", True, 1.0, None),
+                                              ("control + image prompt at scale 0.5", True, 0.5, None),
+                                              ("control + image prompt, style preset", True, 1.0, "style")):  # fmt: skip
         follows_a = {n: 0 for n in ATTRIBUTES}
         follows_b = {n: 0 for n in ATTRIBUTES}
         for start in range(0, len(pairs), settings.batch_size):
@@ -111,7 +114,7 @@ def control_and_image(controlnet_dir: Path, settings: EvalSettings) -> list[list
                       "pipeline_image": [silhouette(a, seed) for a, _, seed in chunk],
                       "controlnet_conditioning_scale": 1.0 if use_control else 0.0}  # fmt: skip
             images = prompter(image=[render(b) for _, b, _ in chunk], prompt=[""] * len(chunk),
-                              scale=1.0 if use_image else 0.0, **common).images  # fmt: skip
+                              scale=scale, preset=preset, **common).images  # fmt: skip
             for (a, b, _), read in zip(chunk, reader.predict(images)):
                 for n in ATTRIBUTES:
                     follows_a[n] += getattr(read, n) == getattr(a, n)
@@ -121,6 +124,30 @@ def control_and_image(controlnet_dir: Path, settings: EvalSettings) -> list[list
                      sum(follows_b[x] for x in GEOMETRY) / (3 * n), sum(follows_a[x] for x in APPEARANCE) / (3 * n)])  # fmt: skip
     prompter.detach()
     return rows
+
+
+def merge_sections(old: str, new: str) -> str:
+    """`old` with each `## N.` section that `new` has replaced by new's; new's header and timing lines win."""
+
+    def split(text: str) -> tuple[list[str], dict[str, str], list[str]]:
+        head, sections, tail, name = [], {}, [], None
+        for line in text.splitlines():
+            if line.startswith("## "):
+                name = line.split(".")[0]  # "## 1"
+                sections[name] = line
+            elif name is None:
+                head.append(line)
+            elif line.startswith("(") and line.endswith(")") and " s" in line:
+                tail.append(line)  # timing footer
+            else:
+                sections[name] += "\n" + line
+        return head, sections, tail
+
+    _, old_sections, old_tail = split(old)
+    head, new_sections, new_tail = split(new)
+    merged = {**old_sections, **new_sections}
+    body = [merged[k].rstrip("\n") + "\n" for k in sorted(merged)]
+    return "\n".join(head).rstrip("\n") + "\n\n" + "\n".join(body) + "\n" + "\n".join(old_tail + new_tail) + "\n"
 
 
 def main() -> None:
@@ -195,9 +222,12 @@ def main() -> None:
                   "background) attributes that follow each.", "",
                   *_table(["inputs", "geometry from A (control)", "appearance from B (image)",
                            "geometry from B", "appearance from A"], rows), ""]  # fmt: skip
-    lines.append(f"({time.time() - started:.0f} s)")
+    lines.append(f"({time.time() - started:.0f} s{' for ' + ', '.join(parts) if args.only else ''})")
+    text = "\n".join(lines) + "\n"
+    if args.only and Path(args.out).is_file():  # keep the sections of the parts not rerun
+        text = merge_sections(Path(args.out).read_text(), text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).write_text(text)
     print("\n".join(lines))
 
 
