@@ -101,7 +101,7 @@ class ImageBranch:
         the text attention before heads are merged, or None if no group acts. `acting`: `acting()` if known.
 
         With `into` (the text attention, same layout) the result is `into` plus the image attention; outside autograd
-        the sum is accumulated in place (no extra tensor per layer; the same values as the out-of-place sum)."""
+        the sum is accumulated in place (no extra tensor per layer; the same sum up to float rounding)."""
         batch, _, length, _ = query.shape
         inplace = into is not None and not torch.is_grad_enabled()
         total = into
