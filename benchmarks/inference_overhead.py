@@ -2,8 +2,9 @@
 
     python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--rounds 3] [--calls 4]
 
-For each model: the plain UNet, the UNet with our adapter (image keys/values cached across steps), and the same
-UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Rounds interleave the three so
+For each model: the plain UNet, the UNet with our adapter (image keys/values cached across steps), the same with
+every layer's image attention through SDPA (what narrow layers do instead: `attention.SMALL_LAYER_WIDTH`), and the
+same UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Rounds interleave the three so
 that machine noise hits them alike; the median per-call time is reported with the overhead ratios.
 """
 
@@ -75,9 +76,19 @@ def bench(name: str, rounds: int, calls: int) -> dict[str, float]:
     adapter.attach(unet)
     tokens = adapter.project(image=embeds[:, 0])
     adapter.set_tokens(tokens[1:], uncond=tokens[:1])
+    from ipadapter import attention
+
+    def sdpa_only():  # our adapter with every layer's image attention through SDPA (no small-layer path)
+        width, attention.SMALL_LAYER_WIDTH = attention.SMALL_LAYER_WIDTH, 0
+        try:
+            return unet(latents, t, text)
+        finally:
+            attention.SMALL_LAYER_WIDTH = width
+
     runs = {
         "plain UNet": lambda: plain(latents, t, text),
         "ipadapter": lambda: unet(latents, t, text),
+        "ipadapter, SDPA only": sdpa_only,
         "diffusers IP-Adapter": lambda: theirs(latents, t, text, added_cond_kwargs={"image_embeds": [embeds]}),
     }
     for fn in runs.values():  # warm-up (and fills our key/value cache, as the first denoising step does)
@@ -99,13 +110,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median seconds per CFG UNet call")
-    print("| model | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead |")
-    print("|---|---|---|---|---|---|")
+    print("| model | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead | "
+          "ipadapter overhead, SDPA only |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         r = bench(name.strip(), args.rounds, args.calls)
         base = r["plain UNet"]
         print(f"| {name} | {base:.4f} | {r['ipadapter']:.4f} | {r['diffusers IP-Adapter']:.4f} | "
-              f"{100 * (r['ipadapter'] / base - 1):+.1f}% | {100 * (r['diffusers IP-Adapter'] / base - 1):+.1f}% |",
+              f"{100 * (r['ipadapter'] / base - 1):+.1f}% | {100 * (r['diffusers IP-Adapter'] / base - 1):+.1f}% | "
+              f"{100 * (r['ipadapter, SDPA only'] / base - 1):+.1f}% |",
               flush=True)
 
 

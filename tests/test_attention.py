@@ -217,3 +217,42 @@ def test_scaling_modes_put_the_scale_inside_the_attention(unet, mode):
     adapter.detach()
     with pytest.raises(ValueError, match="scaling must be one of"):
         TokenGroup(tokens, scaling="k")
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, variant, monkeypatch):
+    """Narrow layers add the image attention through block-diagonal matmuls instead of SDPA (faster at the tiny
+    world's sizes); the UNet's output must be the SDPA path's, for every option that reaches the attention."""
+    from ipadapter import attention
+    from ipadapter.attention import ImageBranch
+    from ipadapter.state import TokenGroup
+
+    adapter = _adapter(unet, variant).attach(unet)
+    g = torch.Generator().manual_seed(5)
+    dim = 40 if variant == "base" else 48
+    image = torch.randn(2, dim, generator=g) if variant == "base" else torch.randn(2, 9, dim, generator=g)
+    cond, uncond = adapter.project(image=image), adapter.project(image=torch.zeros_like(image))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, :, :16] = 1
+    groups = [
+        TokenGroup(cond, uncond, mask=mask),
+        TokenGroup(cond.flip(0), uncond, scaling="k_mean_v_penalty", layer_scales=[0.8] * adapter.config.num_layers),
+        TokenGroup(cond, uncond, scaling="kv"),
+    ]
+    inputs = unet_inputs(unet, 4)  # a CFG batch of 2 prompts
+    calls = []
+    original = ImageBranch.add_merged
+    monkeypatch.setattr(ImageBranch, "add_merged", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    with torch.no_grad():
+        adapter.state.set_groups(groups)
+        adapter.set_scale(0.7)
+        small = unet(**inputs).sample
+        assert len(calls) == adapter.config.num_layers  # every layer of this tiny UNet is small
+        monkeypatch.setattr(attention, "SMALL_LAYER_WIDTH", 0)  # every layer through SDPA
+        adapter.state.set_groups(groups)
+        reference = unet(**inputs).sample
+        assert len(calls) == adapter.config.num_layers
+        adapter.detach()
+        plain = unet(**inputs).sample
+    assert torch.allclose(small, reference, atol=1e-5)
+    assert not torch.allclose(small, plain, atol=1e-3)

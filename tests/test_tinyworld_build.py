@@ -24,6 +24,7 @@ from ipadapter.tinyworld.build import (
     apply_overrides,
     consistent,
     main,
+    min_snr_weights,
     scene_indices,
     SCALES,
 )
@@ -189,3 +190,15 @@ def test_contrast_groups_differ_from_their_anchor_in_the_contrasted_attribute_on
     one_hot = torch.nn.functional.one_hot(contrasted[:, 0], 6).bool()[:, None, :].expand(-1, 3, -1)  # (32, 3, 6)
     exact = (differs[:, 1:] == one_hot).all(-1)  # (32, 3): differs exactly in the contrasted attribute
     assert exact.float().mean() > 0.9  # the rest are fallbacks where no image of the wanted scene exists
+
+
+def test_min_snr_weights_cap_the_loss_of_low_noise_timesteps():
+    scheduler = stack.build_train_scheduler(SCALES["smoke"]("cpu").stack.scheduler)
+    alphas = scheduler.alphas_cumprod  # (T,), decreasing: t = 0 is nearly clean
+    snr = alphas / (1 - alphas)
+    weights = min_snr_weights(alphas, 5.0)
+    noisy = snr <= 5
+    assert noisy.any() and (~noisy).any()
+    assert torch.equal(weights[noisy], torch.ones(int(noisy.sum())))  # as plain MSE where SNR <= gamma
+    assert torch.allclose(weights[~noisy] * snr[~noisy], torch.full((int((~noisy).sum()),), 5.0))
+    assert weights[0] < 0.01  # the cleanest step is weighted by gamma / SNR

@@ -147,6 +147,7 @@ class UNetTrainConfig(TrainConfig):
     """Epsilon-prediction training on cached VAE latents with frozen text encoder and EMA."""
 
     ema_decay: float = 0.999  # EMA decay (warmed up as min(decay, (1 + step) / (10 + step)))
+    snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weights min(SNR, gamma) / SNR (Hang et al. 2023); 0: plain MSE
     caption_dropout: float = 0.1  # empty captions, for classifier-free guidance
     full_caption_prob: float = 0.3  # captions stating every attribute
     attribute_prob: float = 0.5  # otherwise each attribute is stated with this probability (may be none)
@@ -260,7 +261,7 @@ def _full(device: str) -> BuildConfig:
         vision=ClipTrainConfig(steps=3_000, batch_size=128, lr=1e-3, warmup=200, weight_decay=0.05,
                                checkpoint_every=250, log_every=100),  # fmt: skip
         vae=VaeTrainConfig(steps=5_000, batch_size=16, lr=1e-3, warmup=100, checkpoint_every=250, log_every=100),
-        unet=UNetTrainConfig(steps=8_000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999,
+        unet=UNetTrainConfig(steps=12_000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999, snr_gamma=5.0,
                              checkpoint_every=250, log_every=100),  # fmt: skip
     )
 
@@ -1004,7 +1005,10 @@ def stage_unet(ctx: Context) -> dict[str, Any]:
             context = text_encoder(input_ids=ids).last_hidden_state  # (B, L, C)
         with ctx.autocast():
             prediction = unet(noisy, t, encoder_hidden_states=context).sample  # (B, 4, 16, 16)
-        return F.mse_loss(prediction.float(), eps)
+        if cfg.snr_gamma <= 0:
+            return F.mse_loss(prediction.float(), eps)
+        per_sample = (prediction.float() - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        return (min_snr_weights(alphas[t], cfg.snr_gamma) * per_sample).mean()
 
     result = train_loop(ctx, "unet", cfg, unet, loss_fn, {"batches": batches, "noise": noise}, ema=ema)
     ema.copy_to(unet)
@@ -1014,6 +1018,12 @@ def stage_unet(ctx: Context) -> dict[str, Any]:
     check = unet_check(ctx, unet, text_encoder, vae, tokenizer)
     logger.info("unet check: %s", json.dumps(check))
     return {**result, "check": check}
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Epsilon-prediction loss weights of min-SNR-gamma: min(SNR, gamma) / SNR, with SNR = a / (1 - a). (B,) -> (B,)"""
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
 
 
 @torch.no_grad()
