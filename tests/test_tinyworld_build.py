@@ -202,3 +202,19 @@ def test_min_snr_weights_cap_the_loss_of_low_noise_timesteps():
     assert torch.equal(weights[noisy], torch.ones(int(noisy.sum())))  # as plain MSE where SNR <= gamma
     assert torch.allclose(weights[~noisy] * snr[~noisy], torch.full((int((~noisy).sum()),), 5.0))
     assert weights[0] < 0.01  # the cleanest step is weighted by gamma / SNR
+
+
+def test_jobs_run_stages_side_by_side_in_child_processes(built, tmp_path, caplog, capfd):
+    stages = ("tokenizer", "clip", "vae", "unet")
+    with caplog.at_level(logging.INFO, logger="ipadapter.tinyworld.build"):
+        assert main(["--out", str(tmp_path), *SMOKE, "--jobs", "2", "--threads", "2", "--stages", ",".join(stages)]) == 0
+    started = [r.getMessage() for r in caplog.records if "child process" in r.getMessage()]
+    # vae needs nothing, so it runs beside the tokenizer and then beside clip; unet starts alone with both threads
+    assert started == [f"{s}: starting in a child process with {2 if s == 'unet' else 1} thread(s)"
+                       for s in ("tokenizer", "vae", "clip", "unet")]
+    for stage in stages:
+        assert done(tmp_path, stage)["config"] == done(built, stage)["config"]  # the same build, stage by stage
+    assert not list(tmp_path.rglob("*.tmp"))
+    # a child's error stops the build with its status and message
+    assert main(["--out", str(tmp_path / "empty"), *SMOKE, "--stages", "unet", "--jobs", "2"]) != 0
+    assert "missing ['tokenizer', 'clip', 'vae']" in capfd.readouterr().err

@@ -40,6 +40,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -227,7 +228,7 @@ def _smoke(device: str) -> BuildConfig:
         clip=ClipTrainConfig(steps=4, batch_size=16, lr=1e-3, probe_fit=12, **tiny),
         vision=ClipTrainConfig(steps=4, batch_size=16, lr=1e-3, probe_fit=12, **tiny),
         vae=VaeTrainConfig(steps=3, batch_size=8, lr=1e-3, scale_images=48, **tiny),
-        unet=UNetTrainConfig(steps=4, batch_size=8, check_samples=4, check_steps=3, **tiny),
+        unet=UNetTrainConfig(steps=4, batch_size=8, snr_gamma=5.0, check_samples=4, check_steps=3, **tiny),
         assemble=AssembleConfig(check_steps=2),
         adapters=AdaptersConfig(num_train=24, steps=3, batch_size=8, checkpoint_every=2, check_references=2,
                                 check_steps=2),
@@ -533,13 +534,13 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then os.replace: a kill never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: `--jobs` stages may write the same data
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def _atomic_write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
@@ -1423,6 +1424,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ship", default=None, metavar="ASSETS",
                         help="after a complete build, copy the pipeline folder and adapters into ASSETS (the "
                         "package's src/ipadapter/tinyworld/assets) as sd/ and adapters/<variant>.safetensors")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="CPU: run up to this many independent stages side by side (tokenizer, clip, vision, "
+                        "vae), each in its own process with threads / jobs threads; unet, assemble and adapters "
+                        "run alone with every thread")  # fmt: skip
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop a training stage after this many steps of this run, leaving its checkpoint "
                         f"(simulates a kill; exit status {STOPPED_EARLY})")  # fmt: skip
@@ -1452,9 +1457,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "1 CPU thread" if device.type == "cpu" else "H200", {k: round(v, 1) for k, v in estimate.items()},
                 sum(estimate.values()))  # fmt: skip
     started = time.time()
+    if args.jobs > 1:
+        if device.type != "cpu":
+            raise ValueError(f"--jobs is for CPU builds (stages side by side on cores); found --device {args.device}")
+        status = run_side_by_side(ctx, args, ordered, args.jobs, args.threads or torch.get_num_threads())
+        if status != 0:
+            return status
     for stage in ordered:
         try:
-            run_stage(ctx, stage)
+            run_stage(ctx, stage)  # with --jobs, every stage is done by now: this only logs the skips
         except StoppedEarly as stop:
             logger.info("%s", stop)
             return STOPPED_EARLY
@@ -1462,6 +1473,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ship:
         ship(ctx, Path(args.ship))
     return 0
+
+
+SOLO_STAGES = ("unet", "assemble", "adapters")  # with --jobs: run alone, with every thread
+
+
+def run_side_by_side(ctx: Context, args: argparse.Namespace, stages: Sequence[str], jobs: int, threads: int) -> int:
+    """Runs `stages` as child builds (one stage each), up to `jobs` at once with max(1, threads // jobs) threads;
+    a stage starts once the stages it reads are done, and SOLO_STAGES start alone with `threads` threads. On 2 cores
+    the CPU recipe's clip + vision (one process) and vae (another) then take about as long as the vae alone.
+
+    Returns 0, or the first non-zero exit status of a child (after the running ones finish; none is started after)."""
+    command = [sys.executable, "-m", "ipadapter.tinyworld.build", "--out", str(ctx.out), "--scale", args.scale,
+               "--device", "cpu", "--seed", str(args.seed)]  # fmt: skip
+    if args.recipe:
+        command += ["--recipe", args.recipe]
+    for override in args.overrides:
+        command += ["--set", override]
+    if args.stop_after is not None:
+        command += ["--stop-after", str(args.stop_after)]
+
+    def done(stage: str) -> bool:
+        return (ctx.stage_dir(stage) / "done.json").exists()
+
+    pending, running, status = [s for s in stages if not done(s)], {}, 0
+    while pending or running:
+        for stage in list(pending):
+            blocked = any(r in pending or r in running for r in REQUIRES[stage])  # else done, or its error is shown
+            solo = stage in SOLO_STAGES
+            if status or blocked or len(running) >= jobs or (running and (solo or set(running) & set(SOLO_STAGES))):
+                continue
+            n = threads if solo else max(1, threads // jobs)
+            env = {**os.environ, "OMP_NUM_THREADS": str(n)}
+            logger.info("%s: starting in a child process with %d thread(s)", stage, n)
+            running[stage] = subprocess.Popen([*command, "--stages", stage, "--threads", str(n)], env=env)
+            pending.remove(stage)
+        time.sleep(0.2)
+        for stage, child in list(running.items()):
+            code = child.poll()
+            if code is not None:
+                del running[stage]
+                status = status or code
+                if code:
+                    logger.error("%s: child build exited with status %d", stage, code)
+        if status and not running:
+            break
+    return status
 
 
 def ship(ctx: Context, assets: Path) -> None:
