@@ -107,7 +107,8 @@ class ImageBranch:
         K (B, H*T, H*Dh) with the softmax's 1/sqrt(Dh) folded in, V (B, H*T, H*Dh); row h*T + t holds token t of
         head h in head h's columns, zeros elsewhere (see `SMALL_LAYER_WIDTH`)."""
         batch, _, _, head_dim = query.shape
-        key = (group, self.layer_index, batch, query.dtype, query.device, mode, scale, "block-diagonal")
+        key = (group, self.layer_index, batch, query.dtype, query.device, mode, None if mode == "v" else scale,
+               "block-diagonal")  # fmt: skip
         found = self.state.cached(key)
         if found is None:
             k, v = self._keys_values(group, query, heads) if mode == "v" else \
