@@ -25,6 +25,7 @@ SMALL_LAYER_WIDTH = 128
 # zeros (their matmuls do heads x the work of per-head ones). Larger layers (SD1.5's 320+) keep SDPA.
 SMALL_LAYER_KEYS = 64
 
+
 class IPLayer(nn.Module):
     """The two new projections of one cross-attention layer: image tokens -> keys / values (no bias)."""
 
