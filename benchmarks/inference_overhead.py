@@ -1,11 +1,13 @@
 """Inference overhead of the image prompt: seconds per denoising step (one CFG UNet call), side by side in one run.
 
-    python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--rounds 3] [--calls 4]
+    python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--seconds 60] [--min-rounds 5] [--calls 1]
 
 For each model: the plain UNet, the UNet with our adapter (image keys/values cached across steps), the same with
 every layer's image attention through SDPA (what narrow layers do instead: `attention.SMALL_LAYER_WIDTH`), and the
-same UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Rounds interleave the three so
-that machine noise hits them alike; the median per-call time is reported with the overhead ratios.
+same UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Each round times every
+configuration once (`--calls` calls each, the order rotating from round to round), so that machine noise hits them
+alike; rounds repeat for `--seconds` per model. Reported: the median over rounds of the per-call time, and of each
+round's overhead ratio, with the interquartile range of those ratios in brackets (how much the machine moved).
 """
 
 from __future__ import annotations
@@ -40,17 +42,17 @@ def load_model(name: str):
     raise ValueError(f"unknown model {name!r}; expected tinyworld or sd15")
 
 
-def time_calls(fn, calls: int) -> list[float]:
-    out = []
+def time_calls(fn, calls: int) -> float:
+    """Mean seconds per call over `calls` calls."""
+    start = time.perf_counter()
     for _ in range(calls):
-        start = time.perf_counter()
         fn()
-        out.append(time.perf_counter() - start)
-    return out
+    return (time.perf_counter() - start) / calls
 
 
 @torch.no_grad()
-def bench(name: str, rounds: int, calls: int) -> dict[str, float]:
+def bench(name: str, seconds: float, min_rounds: int, calls: int) -> dict[str, list[float]]:
+    """Per-round seconds per call of each configuration."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ipadapter import IPAdapter
@@ -94,31 +96,43 @@ def bench(name: str, rounds: int, calls: int) -> dict[str, float]:
     for fn in runs.values():  # warm-up (and fills our key/value cache, as the first denoising step does)
         fn()
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for key, fn in runs.items():
-            times[key].extend(time_calls(fn, calls))
-    return {k: statistics.median(v) for k, v in times.items()}
+    keys = list(runs)
+    start = time.perf_counter()
+    while len(times["plain UNet"]) < min_rounds or time.perf_counter() - start < seconds:
+        shift = len(times["plain UNet"]) % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            times[key].append(time_calls(runs[key], calls))
+    return times
+
+
+def overhead(times: dict[str, list[float]], key: str) -> str:
+    """Median over rounds of (key / plain - 1), with the interquartile range: '+1.2% [+0.8, +1.6]'."""
+    ratios = [100 * (t / base - 1) for t, base in zip(times[key], times["plain UNet"])]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    return f"{q2:+.1f}% [{q1:+.1f}, {q3:+.1f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tinyworld,sd15", help="comma-separated: tinyworld, sd15")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--calls", type=int, default=4, help="timed UNet calls per configuration and round")
+    parser.add_argument("--seconds", type=float, default=60, help="time spent on each model's rounds")
+    parser.add_argument("--min-rounds", type=int, default=5, help="rounds at least, however long they take")
+    parser.add_argument("--calls", type=int, default=1, help="timed UNet calls per configuration and round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median seconds per CFG UNet call")
-    print("| model | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead | "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median seconds per CFG UNet call; overheads:"
+          " median of the rounds' ratios [interquartile range]")
+    print("| model | rounds | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead | "
           "ipadapter overhead, SDPA only |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        r = bench(name.strip(), args.rounds, args.calls)
-        base = r["plain UNet"]
-        print(f"| {name} | {base:.4f} | {r['ipadapter']:.4f} | {r['diffusers IP-Adapter']:.4f} | "
-              f"{100 * (r['ipadapter'] / base - 1):+.1f}% | {100 * (r['diffusers IP-Adapter'] / base - 1):+.1f}% | "
-              f"{100 * (r['ipadapter, SDPA only'] / base - 1):+.1f}% |",
+        t = bench(name.strip(), args.seconds, args.min_rounds, args.calls)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        print(f"| {name} | {len(t['plain UNet'])} | {med['plain UNet']:.4f} | {med['ipadapter']:.4f} | "
+              f"{med['diffusers IP-Adapter']:.4f} | {overhead(t, 'ipadapter')} | {overhead(t, 'diffusers IP-Adapter')} | "
+              f"{overhead(t, 'ipadapter, SDPA only')} |",
               flush=True)
 
 

@@ -179,6 +179,49 @@ def test_per_layer_scales(unet):
     adapter.detach()
 
 
+def test_cached_plans_follow_every_change_of_scale_window_step_and_tokens(unet):
+    """Outside autograd each layer keeps what acts and its prepared keys/values between calls (`state.plans`); every
+    change a user or the step tracker makes must reach the next call: the result equals a run without any cache."""
+    inputs = unet_inputs(unet, 1)
+    adapter = _adapter(unet).attach(unet)
+    state = adapter.state
+    g = torch.Generator().manual_seed(7)
+    first, second = adapter.project(image=torch.randn(1, 40, generator=g)), adapter.project(image=torch.randn(1, 40, generator=g))
+
+    def run(cached: bool) -> torch.Tensor:
+        state.use_cache = cached
+        try:
+            return unet(**inputs).sample
+        finally:
+            state.use_cache = True
+
+    with torch.no_grad():
+        plain = _plain_output(unet, adapter, inputs)
+        adapter.set_tokens(first)
+        at_one = run(True)
+        assert torch.equal(run(True), at_one) and state.plans  # the second call runs from the plans
+        adapter.set_scale(0.3)
+        at_low = run(True)
+        assert torch.allclose(at_low, run(False), atol=1e-6) and not torch.allclose(at_low, at_one, atol=1e-4)
+        adapter.set_tokens(second)
+        assert torch.allclose(run(True), run(False), atol=1e-6) and not torch.allclose(run(True), at_low, atol=1e-4)
+        state.set_window(0.5, 1.0)
+        state.progress = (0, 10)  # outside the window: exactly the plain UNet
+        assert torch.equal(run(True), plain)
+        state.progress = (6, 10)  # inside it again
+        assert torch.allclose(run(True), run(False), atol=1e-6) and not torch.equal(run(True), plain)
+        state.progress = None
+    adapter.detach()
+
+
+def _plain_output(unet, adapter, inputs) -> torch.Tensor:
+    adapter.detach()
+    try:
+        return unet(**inputs).sample
+    finally:
+        adapter.attach(unet)
+
+
 def test_missing_image_prompt_is_a_clear_error(unet):
     adapter = _adapter(unet).attach(unet)
     with pytest.raises(ValueError, match="no image prompt is set"):
@@ -203,7 +246,7 @@ def test_scaling_modes_put_the_scale_inside_the_attention(unet, mode):
     query = torch.randn(2, 2, 5, layer.to_k_ip.out_features // 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         adapter.state.set_groups([TokenGroup(tokens, scaling=mode, layer_scales=[0.7] * adapter.config.num_layers)])
-        found = branch(query, heads=2)
+        found = branch.attention(query)
         k = layer.to_k_ip(tokens).view(2, -1, 2, query.shape[-1]).transpose(1, 2)
         v = layer.to_v_ip(tokens).view(2, -1, 2, query.shape[-1]).transpose(1, 2)
         w = 0.7 if mode == "kv" else 0.7 * layer.to_k_ip.out_features / 1280
@@ -224,7 +267,6 @@ def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, 
     """Narrow layers add the image attention through block-diagonal matmuls instead of SDPA (faster at the tiny
     world's sizes); the UNet's output must be the SDPA path's, for every option that reaches the attention."""
     from ipadapter import attention
-    from ipadapter.attention import ImageBranch
     from ipadapter.state import TokenGroup
 
     adapter = _adapter(unet, variant).attach(unet)
@@ -241,17 +283,17 @@ def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, 
     ]
     inputs = unet_inputs(unet, 4)  # a CFG batch of 2 prompts
     calls = []
-    original = ImageBranch.add_merged
-    monkeypatch.setattr(ImageBranch, "add_merged", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    original = attention.add_block
+    monkeypatch.setattr(attention, "add_block", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.no_grad():
         adapter.state.set_groups(groups)
         adapter.set_scale(0.7)
         small = unet(**inputs).sample
-        assert len(calls) == adapter.config.num_layers  # every layer of this tiny UNet is small
+        assert len(calls) == 3 * adapter.config.num_layers  # every layer of this tiny UNet is small (3 groups)
         monkeypatch.setattr(attention, "SMALL_LAYER_WIDTH", 0)  # every layer through SDPA
         adapter.state.set_groups(groups)
         reference = unet(**inputs).sample
-        assert len(calls) == adapter.config.num_layers
+        assert len(calls) == 3 * adapter.config.num_layers
         adapter.detach()
         plain = unet(**inputs).sample
     assert torch.allclose(small, reference, atol=1e-5)

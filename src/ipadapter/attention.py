@@ -10,6 +10,7 @@ adds nothing to the UNet's parameters or state dict.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import nn
 from .lora import AttentionLoRA
 from .state import PromptState
 
-# Small layers (e.g. the tiny world's) add their image attention through `ImageBranch.add_merged` rather than SDPA:
+# Small layers (e.g. the tiny world's) add their image attention through `add_block` rather than SDPA:
 # at most this many channels (heads * head_dim) ...
 SMALL_LAYER_WIDTH = 128
 # ... and at most this many image keys over all heads (heads * tokens), which bounds the block-diagonal matrices'
@@ -35,6 +36,47 @@ class IPLayer(nn.Module):
         self.to_v_ip = nn.Linear(context_dim, hidden_size, bias=False)
 
 
+@dataclass(frozen=True, eq=False, slots=True)
+class Term:
+    """One token group's image attention at one layer, prepared for one query shape (`ImageBranch.terms`)."""
+
+    keys: torch.Tensor  # SDPA: (B, H, T, Dh); block: (B, H*T, H*Dh) block-diagonal, 1/sqrt(Dh) folded in
+    values: torch.Tensor  # SDPA: (B, H, T, Dh); block: (B, H*T, H*Dh) block-diagonal
+    weight: float  # multiplies the attention's output: λ ("v" scaling) or 1 (λ is inside the keys/values)
+    mask: torch.Tensor | None  # where the group acts: SDPA (B, 1, L, 1), block (B, 1, L); None: everywhere
+    block: bool  # True: added after the heads merge by `add_block` (see SMALL_LAYER_WIDTH); False: `add_sdpa`
+    heads: int  # H
+
+
+def add_sdpa(query: torch.Tensor, term: Term, into: torch.Tensor | None) -> torch.Tensor:
+    """into + the term's image attention, heads split (B, H, L, Dh); in place outside autograd."""
+    out = F.scaled_dot_product_attention(query, term.keys, term.values, dropout_p=0.0, is_causal=False)
+    if term.mask is not None:
+        out = out * term.mask
+    if into is None:
+        return out if term.weight == 1 else term.weight * out
+    if not torch.is_grad_enabled():
+        return into.add_(out, alpha=term.weight)
+    return into + (out if term.weight == 1 else term.weight * out)
+
+
+def add_block(merged_query: torch.Tensor, term: Term, into: torch.Tensor) -> None:
+    """Adds a block term's image attention to `into` (B, L, H*Dh), the text attention with heads merged, in place:
+    one matmul, a softmax over the T tokens and one fused multiply-add, instead of SDPA; the same sum up to float
+    rounding. merged_query: (B, L, H*Dh).
+
+    Why: SDPA over a handful of keys is dominated by its softmax over rows of T = 4 values; here the softmax runs
+    over a leading axis with the L queries contiguous. At the tiny world's layers (L 16-256, width 64-96, 4 heads)
+    it is 1.4-3x faster (benchmarks/inference_overhead.py measures the whole effect)."""
+    batch, length, _ = merged_query.shape
+    scores = torch.bmm(term.keys, merged_query.transpose(1, 2))  # (B, H*T, L)
+    keys = scores.shape[1]
+    probs = scores.view(batch, term.heads, keys // term.heads, length).softmax(dim=2).view(batch, keys, length)
+    if term.mask is not None:
+        probs = probs * term.mask  # (B, 1, L)
+    into.baddbmm_(probs.transpose(1, 2), term.values, alpha=term.weight)  # (B, L, H*Dh)
+
+
 class ImageBranch:
     """Σ_g λ_g · mask_g · softmax(Q K_g^T / sqrt(d)) V_g for one adapter at one layer, over its token groups g
     (one group for a plain image prompt; see `state.PromptState`)."""
@@ -47,20 +89,71 @@ class ImageBranch:
 
     def acting(self) -> list[tuple[int, float]]:
         """(group, λ) of the groups that act at this layer now; empty when every λ is 0 here (scale 0, or the step
-        is outside the group's window): the branch is then skipped entirely (bit-identical to no adapter, free)."""
+        is outside the group's window): the branch is then skipped entirely (bit-identical to no adapter, free).
+        Kept in `state.plans` until the scales, windows, step or tokens change."""
         state = self.state
-        if not state.groups:
-            state.tokens_for(0)  # raises the error that says how to set an image prompt
-        found = []
-        for g in range(len(state.groups)):
-            scale = state.scale_of(g, self.layer_index)
-            if scale != 0:
-                found.append((g, scale))
-        return found
+        found = state.plans.get(self.layer_index)
+        if found is None:
+            if not state.groups:
+                state.tokens_for(0)  # raises the error that says how to set an image prompt
+            found = []
+            for g in range(len(state.groups)):
+                scale = state.scale_of(g, self.layer_index)
+                if scale != 0:
+                    found.append((g, scale))
+            state.plans[self.layer_index] = found
+        return found  # type: ignore[return-value]
 
     @property
     def active(self) -> bool:
         return bool(self.acting())
+
+    def terms(self, query: torch.Tensor, block_ok: bool = True) -> tuple[Term, ...]:
+        """The acting groups' image attention for a query (B, H, L, Dh), ready to add; outside autograd (with the
+        cache on) built once per generation and kept in `state.plans`. `block_ok`: small layers may take the
+        block-diagonal path (False where the merged query is not the attended one, e.g. with norm_q)."""
+        state = self.state
+        keep = state.use_cache and not torch.is_grad_enabled()
+        if keep:
+            key = (self.layer_index, query.shape, query.dtype, query.device, block_ok)
+            found = state.plans.get(key)
+            if found is not None:
+                return found  # type: ignore[return-value]
+        found = tuple(self._term(group, scale, query, block_ok) for group, scale in self.acting())
+        if keep:
+            state.plans[key] = found
+        return found
+
+    def _term(self, group: int, scale: float, query: torch.Tensor, block_ok: bool) -> Term:
+        batch, heads, length, head_dim = query.shape
+        state = self.state
+        mode = state.groups[group].scaling
+        mask = state.mask_for(group, batch, length)  # (B, L, 1) or None
+        if mask is not None:
+            mask = mask.to(device=query.device, dtype=query.dtype)
+        weight = scale if mode == "v" else 1.0
+        if block_ok and self._small(group, heads, head_dim):
+            keys, values = self._block_diagonal(group, query, heads, scale, mode)
+            return Term(keys, values, weight, None if mask is None else mask.transpose(1, 2), True, heads)
+        if mode == "v":
+            keys, values = self._keys_values(group, query, heads)
+        else:
+            keys, values = self._scaled_keys_values(group, query, heads, scale, mode)
+        return Term(keys, values, weight, None if mask is None else mask[:, None], False, heads)
+
+    def _small(self, group: int, heads: int, head_dim: int) -> bool:
+        """Whether this group takes the block-diagonal path: outside autograd, at layers at most SMALL_LAYER_WIDTH
+        wide with at most SMALL_LAYER_KEYS image keys over all heads."""
+        if torch.is_grad_enabled() or heads * head_dim > SMALL_LAYER_WIDTH:
+            return False
+        return heads * self.state.groups[group].cond.shape[1] <= SMALL_LAYER_KEYS
+
+    def attention(self, query: torch.Tensor) -> torch.Tensor | None:
+        """The scaled image attention of the acting groups (B, H, L, Dh) through SDPA, or None if none acts."""
+        total = None
+        for term in self.terms(query, block_ok=False):
+            total = add_sdpa(query, term, total)
+        return total
 
     def _keys_values(self, group: int, query: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, _, _, head_dim = query.shape
@@ -123,63 +216,6 @@ class ImageBranch:
             self.state.store(key, found)
         return found
 
-    def small_layer(self, query: torch.Tensor, acting: list[tuple[int, float]]) -> bool:
-        """Whether `add_merged` takes the block-diagonal path: outside autograd, at layers at most
-        SMALL_LAYER_WIDTH wide with at most SMALL_LAYER_KEYS image keys over all heads (query (B, H, L, Dh))."""
-        _, heads, _, head_dim = query.shape
-        if torch.is_grad_enabled() or heads * head_dim > SMALL_LAYER_WIDTH:
-            return False
-        return all(heads * self.state.groups[g].cond.shape[1] <= SMALL_LAYER_KEYS for g, _ in acting)
-
-    def add_merged(self, query: torch.Tensor, merged_query: torch.Tensor, acting: list[tuple[int, float]],
-                   into: torch.Tensor) -> None:  # fmt: skip
-        """Adds the image attention to `into` (B, L, H*Dh), the text attention with heads merged, in place, as one
-        matmul, a softmax over the T tokens and one fused multiply-add per group (instead of SDPA); the same sum as
-        `__call__` up to float rounding. Only where `small_layer` says (no autograd).
-
-        Why: SDPA over a handful of keys is dominated by its softmax over rows of T = 4 values; here the softmax runs
-        over a leading axis with the L queries contiguous. At the tiny world's layers (L 16-256, width 64-96, 4
-        heads) it is 1.4-3x faster (benchmarks/inference_overhead.py measures the whole effect)."""
-        batch, heads, length, _ = query.shape
-        for group, scale in acting:
-            mode = self.state.groups[group].scaling
-            k_blocks, v_blocks = self._block_diagonal(group, query, heads, scale, mode)  # (B, H*T, H*Dh) each
-            scores = torch.bmm(k_blocks, merged_query.transpose(1, 2))  # (B, H*T, L)
-            tokens = scores.shape[1] // heads
-            probs = scores.view(batch, heads, tokens, length).softmax(dim=2).view(batch, heads * tokens, length)
-            mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
-            if mask is not None:
-                probs = probs * mask.to(device=probs.device, dtype=probs.dtype).transpose(1, 2)  # (B, 1, L)
-            into.baddbmm_(probs.transpose(1, 2), v_blocks, alpha=scale if mode == "v" else 1.0)  # (B, L, H*Dh)
-
-    def __call__(self, query: torch.Tensor, heads: int, acting: list[tuple[int, float]] | None = None,
-                 into: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
-        """query: (B, H, L, Dh). Returns the scaled image attention in the same layout (B, H, L, Dh), to be added to
-        the text attention before heads are merged, or None if no group acts. `acting`: `acting()` if known.
-
-        With `into` (the text attention, same layout) the result is `into` plus the image attention; outside autograd
-        the sum is accumulated in place (no extra tensor per layer; the same sum up to float rounding)."""
-        batch, _, length, _ = query.shape
-        inplace = into is not None and not torch.is_grad_enabled()
-        total = into
-        for group, scale in self.acting() if acting is None else acting:
-            mode = self.state.groups[group].scaling
-            if mode == "v":
-                k, v = self._keys_values(group, query, heads)
-            else:
-                k, v = self._scaled_keys_values(group, query, heads, scale, mode)
-            out = F.scaled_dot_product_attention(query, k, v, dropout_p=0.0, is_causal=False)  # (B, H, L, Dh)
-            mask = self.state.mask_for(group, batch, length)  # (B, L, 1) or None
-            if mask is not None:
-                out = out * mask.to(device=out.device, dtype=out.dtype)[:, None]  # (B, 1, L, 1)
-            weight = scale if mode == "v" else 1.0
-            if total is None:
-                total = out if weight == 1 else weight * out
-            elif inplace:
-                total.add_(out, alpha=weight)
-            else:
-                total = total + (out if weight == 1 else weight * out)
-        return total
 
 
 class LoRABranch:
@@ -222,8 +258,12 @@ class DecoupledAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        branches = [(b, acting) for b in self.image_branches if (acting := b.acting())]
-        if not branches and not self.lora_branches:
+        # During a generation `acting` and `terms` come from the states' plans (a dict lookup each) and the
+        # projections are called directly when there is no LoRA: on the tiny world the Python around the image
+        # attention's tensor ops then costs < 0.1% of a UNet call (measured with those ops skipped).
+        acting = [b for b in self.image_branches if b.acting()]
+        lora = self.lora_branches
+        if not acting and not lora:
             # Nothing to add: the layer's own processor runs, so its output is exactly what it was.
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -246,14 +286,18 @@ class DecoupledAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self._project(attn.to_q, "to_q_lora", hidden_states)  # (B, L, H*Dh)
-        merged_query = query
+        query = self._project(attn.to_q, "to_q_lora", hidden_states) if lora else attn.to_q(hidden_states)
+        merged_query = query  # (B, L, H*Dh)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = self._project(attn.to_k, "to_k_lora", encoder_hidden_states)  # (B, S, H*Dh)
-        value = self._project(attn.to_v, "to_v_lora", encoder_hidden_states)
+        if lora:
+            key = self._project(attn.to_k, "to_k_lora", encoder_hidden_states)  # (B, S, H*Dh)
+            value = self._project(attn.to_v, "to_v_lora", encoder_hidden_states)
+        else:
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -270,19 +314,23 @@ class DecoupledAttnProcessor:
         )  # (B, H, L, Dh)
 
         # Decoupled image attention: same query, the adapter's own keys/values, added before to_out (eq. 5). SDPA
-        # branches add while heads are still split (one head merge for all); small layers add after the merge.
-        sdpa, small = [], []
-        for branch, acting in branches:  # (merged_query is the query before norm_q: no small path with norm_q)
-            small_layer = attn.norm_q is None and branch.small_layer(query, acting)
-            (small if small_layer else sdpa).append((branch, acting))
-        for branch, acting in sdpa:
-            hidden_states = branch(query, attn.heads, acting, into=hidden_states)
+        # terms add while heads are still split (one head merge for all); block terms (small layers) after it.
+        block_ok = attn.norm_q is None  # the block path attends with the merged query, taken before norm_q
+        terms = acting[0].terms(query, block_ok) if len(acting) == 1 else \
+            [t for b in acting for t in b.terms(query, block_ok)]  # fmt: skip
+        for term in terms:
+            if not term.block:
+                hidden_states = add_sdpa(query, term, hidden_states)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (B, L, H*Dh)
         hidden_states = hidden_states.to(query.dtype)
-        for branch, acting in small:
-            branch.add_merged(query, merged_query, acting, into=hidden_states)
+        for term in terms:
+            if term.block:
+                add_block(merged_query, term, hidden_states)
 
-        hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
+        if lora:
+            hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
+        else:
+            hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
         if input_ndim == 4:

@@ -106,9 +106,12 @@ class PromptState:
         self.groups: list[TokenGroup] = []  # what the adapter attends to; empty: nothing set
         self.layer_scales: list[float] = [1.0] * num_layers  # λ of each adapted layer (groups without their own)
         self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
-        self.progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
+        self._progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
-        self._cache: dict[tuple, object] = {}
+        self._cache: dict[tuple, object] = {}  # image keys/values and masks, kept until the tokens change
+        # What each attached layer does now (`attention.ImageBranch.acting` / `terms`), derived from the above and
+        # cleared whenever any of it changes (tokens, scales, windows, the step when windows are in use).
+        self.plans: dict[object, object] = {}
 
     # ---- tokens -------------------------------------------------------------------------------------------------
     @property
@@ -144,6 +147,7 @@ class PromptState:
                     )
         self.groups = groups
         self._cache.clear()
+        self.plans.clear()
 
     def clear(self) -> None:
         self.set_groups([])
@@ -181,11 +185,12 @@ class PromptState:
         """One λ for every layer, or one per adapted layer (in attn_processors order)."""
         if isinstance(scale, (int, float)):
             self.layer_scales = [float(scale)] * self.num_layers
-            return
-        scales = [float(s) for s in scale]
-        if len(scales) != self.num_layers:
-            raise ValueError(f"expected one scale per adapted layer ({self.num_layers}), found {len(scales)}")
-        self.layer_scales = scales
+        else:
+            scales = [float(s) for s in scale]
+            if len(scales) != self.num_layers:
+                raise ValueError(f"expected one scale per adapted layer ({self.num_layers}), found {len(scales)}")
+            self.layer_scales = scales
+        self.plans.clear()
 
     def scale_of(self, group: int, layer: int) -> float:
         """λ of `group` at adapted layer `layer` now: 0 outside the group's step window."""
@@ -200,6 +205,18 @@ class PromptState:
         """The adapter acts only on steps i (of N) with start <= i/N and (i+1)/N <= end."""
         check_window(start, end)
         self.window = (float(start), float(end))
+        self.plans.clear()
+
+    @property
+    def progress(self) -> tuple[int, int] | None:
+        return self._progress
+
+    @progress.setter
+    def progress(self, value: tuple[int, int] | None) -> None:
+        if value != self._progress:
+            self._progress = value
+            if self.window != (0.0, 1.0) or any(g.window not in (None, (0.0, 1.0)) for g in self.groups):
+                self.plans.clear()  # which groups act may change with the step
 
     def in_window(self, window: tuple[float, float] | None = None) -> bool:
         start, end = self.window if window is None else window
