@@ -1,12 +1,16 @@
 """Inference overhead of the image prompt: seconds per denoising step (one CFG UNet call), side by side in one run.
 
-    python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--seconds 60] [--min-rounds 5] [--calls 1]
+    python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--seconds 60] [--steps tinyworld=25,sd15=4]
 
 For each model: the plain UNet, the UNet with our adapter (image keys/values cached across steps), the same with
 every layer's image attention through SDPA (what narrow layers do instead: `attention.SMALL_LAYER_WIDTH`), and the
-same UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Each round times every
-configuration once (`--calls` calls each, the order rotating from round to round), so that machine noise hits them
-alike; rounds repeat for `--seconds` per model. Reported: the median over rounds of the per-call time, and of each
+same UNet with diffusers' built-in IP-Adapter loaded from the same official-layout weights. Two tables: seconds per
+denoising step of whole diffusers generations (what the user waits for: the scheduler and guidance included, and
+each adapter's once-per-generation work: ours projects the image prompt and rebuilds its cache, diffusers' projects
+it at every step), and seconds per UNet call (the adapter's cost alone, the stricter ratio).
+
+Each round times every configuration once (the order rotating from round to round) so that machine noise hits them
+alike; rounds repeat for `--seconds` per model and table. Reported: the median over rounds of the time, and of each
 round's overhead ratio, with the interquartile range of those ratios in brackets (how much the machine moved).
 """
 
@@ -50,9 +54,28 @@ def time_calls(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def rounds(runs: dict, seconds: float, min_rounds: int, calls: int, warm: bool) -> dict[str, list[float]]:
+    """Per-round seconds per call of each of `runs`, the order rotating from round to round. `warm`: one untimed
+    call before each configuration's timed ones, so that each starts with its own weights in the CPU caches, as
+    the steps of a generation do (the configurations are separate UNet copies)."""
+    for fn in runs.values():  # warm-up (and fills our key/value cache, as the first denoising step does)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    keys = list(runs)
+    start = time.perf_counter()
+    while len(times[keys[0]]) < min_rounds or time.perf_counter() - start < seconds:
+        shift = len(times[keys[0]]) % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if warm:
+                runs[key]()
+            times[key].append(time_calls(runs[key], calls))
+    return times
+
+
 @torch.no_grad()
-def bench(name: str, seconds: float, min_rounds: int, calls: int) -> dict[str, list[float]]:
-    """Per-round seconds per call of each configuration."""
+def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int) -> dict[str, dict[str, list[float]]]:
+    """{"pipeline": per-round seconds per denoising step of whole generations, "unet": per-round seconds per UNet
+    call}, for each configuration."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ipadapter import IPAdapter
@@ -60,49 +83,74 @@ def bench(name: str, seconds: float, min_rounds: int, calls: int) -> dict[str, l
     unet, size, embed_dim = load_model(name)
     cross = unet.config.cross_attention_dim
     theirs = copy.deepcopy(unet)
+    plain = copy.deepcopy(unet)
+    sdpa_unet = copy.deepcopy(unet)  # ours again, every layer's image attention through SDPA
     torch.manual_seed(1)
     adapter = IPAdapter.for_unet(unet, "base", image_embed_dim=embed_dim)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter.save(Path(tmp) / "ip.safetensors", layout="official")
-        pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=theirs, scheduler=DDIMScheduler(),
+    sdpa_adapter = copy.deepcopy(adapter)
+
+    def pipeline(u):
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=u, scheduler=DDIMScheduler(),
                                        safety_checker=None, feature_extractor=None, image_encoder=None,
                                        requires_safety_checker=False)
-        pipe.load_ip_adapter(tmp, subfolder="", weight_name="ip.safetensors", image_encoder_folder=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    pipes = {"plain UNet": pipeline(plain), "ipadapter": pipeline(unet), "ipadapter, SDPA only": pipeline(sdpa_unet),
+             "diffusers IP-Adapter": pipeline(theirs)}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save(Path(tmp) / "ip.safetensors", layout="official")
+        pipes["diffusers IP-Adapter"].load_ip_adapter(tmp, subfolder="", weight_name="ip.safetensors",
+                                                      image_encoder_folder=None)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, size, size, generator=g)  # a CFG batch
-    text = torch.randn(2, 77, cross, generator=g)
-    embeds = torch.randn(2, 1, embed_dim, generator=g)
+    text = torch.randn(2, 77, cross, generator=g)  # [negative, positive] prompt embeddings
+    embeds = torch.randn(2, 1, embed_dim, generator=g)  # [unconditional, reference] image embeddings
     t = torch.tensor(500)
-
-    plain = copy.deepcopy(unet)
     adapter.attach(unet)
-    tokens = adapter.project(image=embeds[:, 0])
-    adapter.set_tokens(tokens[1:], uncond=tokens[:1])
+    sdpa_adapter.attach(sdpa_unet)
     from ipadapter import attention
 
-    def sdpa_only():  # our adapter with every layer's image attention through SDPA (no small-layer path)
-        width, attention.SMALL_LAYER_WIDTH = attention.SMALL_LAYER_WIDTH, 0
-        try:
-            return unet(latents, t, text)
-        finally:
-            attention.SMALL_LAYER_WIDTH = width
+    def set_image_prompt(a) -> None:  # what a generation with our adapter does once (clears the key/value cache)
+        tokens = a.project(image=embeds[:, 0])
+        a.set_tokens(tokens[1:], uncond=tokens[:1])
 
-    runs = {
+    def sdpa_only(fn):  # the layers' plans are made during the call with the small-layer path off (then kept)
+        def run():
+            width, attention.SMALL_LAYER_WIDTH = attention.SMALL_LAYER_WIDTH, 0
+            try:
+                return fn()
+            finally:
+                attention.SMALL_LAYER_WIDTH = width
+        return run
+
+    def generate(key: str, **extra):
+        def run():
+            if key == "ipadapter":
+                set_image_prompt(adapter)
+            elif key == "ipadapter, SDPA only":
+                set_image_prompt(sdpa_adapter)
+            pipes[key](prompt_embeds=text[1:], negative_prompt_embeds=text[:1], latents=latents[:1].clone(),
+                       height=8 * size, width=8 * size, num_inference_steps=steps, output_type="latent", **extra)
+        return run
+
+    set_image_prompt(adapter)
+    set_image_prompt(sdpa_adapter)
+    unet_runs = {
         "plain UNet": lambda: plain(latents, t, text),
         "ipadapter": lambda: unet(latents, t, text),
-        "ipadapter, SDPA only": sdpa_only,
+        "ipadapter, SDPA only": sdpa_only(lambda: sdpa_unet(latents, t, text)),
         "diffusers IP-Adapter": lambda: theirs(latents, t, text, added_cond_kwargs={"image_embeds": [embeds]}),
     }
-    for fn in runs.values():  # warm-up (and fills our key/value cache, as the first denoising step does)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    keys = list(runs)
-    start = time.perf_counter()
-    while len(times["plain UNet"]) < min_rounds or time.perf_counter() - start < seconds:
-        shift = len(times["plain UNet"]) % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            times[key].append(time_calls(runs[key], calls))
-    return times
+    pipeline_runs = {
+        "plain UNet": generate("plain UNet"),
+        "ipadapter": generate("ipadapter"),
+        "ipadapter, SDPA only": sdpa_only(generate("ipadapter, SDPA only")),
+        "diffusers IP-Adapter": generate("diffusers IP-Adapter", ip_adapter_image_embeds=[embeds]),
+    }
+    per_step = rounds(pipeline_runs, seconds, min_rounds, 1, warm=False)  # a generation warms up in its first step
+    return {"pipeline": {k: [x / steps for x in v] for k, v in per_step.items()},
+            "unet": rounds(unet_runs, seconds, min_rounds, calls, warm=True)}
 
 
 def overhead(times: dict[str, list[float]], key: str) -> str:
@@ -115,25 +163,36 @@ def overhead(times: dict[str, list[float]], key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tinyworld,sd15", help="comma-separated: tinyworld, sd15")
-    parser.add_argument("--seconds", type=float, default=60, help="time spent on each model's rounds")
+    parser.add_argument("--seconds", type=float, default=60, help="time spent on each model's rounds, per table")
     parser.add_argument("--min-rounds", type=int, default=5, help="rounds at least, however long they take")
-    parser.add_argument("--calls", type=int, default=1, help="timed UNet calls per configuration and round")
+    parser.add_argument("--calls", type=int, default=2, help="timed UNet calls per configuration and round")
+    parser.add_argument("--steps", default="tinyworld=25,sd15=4",
+                        help="denoising steps of the timed generations, per model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median seconds per CFG UNet call; overheads:"
-          " median of the rounds' ratios [interquartile range]")
-    print("| model | rounds | plain UNet | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead | "
-          "ipadapter overhead, SDPA only |")
-    print("|---|---|---|---|---|---|---|---|")
+    steps = dict(item.split("=") for item in args.steps.split(","))
+    results = {}
     for name in args.models.split(","):
-        t = bench(name.strip(), args.seconds, args.min_rounds, args.calls)
-        med = {k: statistics.median(v) for k, v in t.items()}
-        print(f"| {name} | {len(t['plain UNet'])} | {med['plain UNet']:.4f} | {med['ipadapter']:.4f} | "
-              f"{med['diffusers IP-Adapter']:.4f} | {overhead(t, 'ipadapter')} | {overhead(t, 'diffusers IP-Adapter')} | "
-              f"{overhead(t, 'ipadapter, SDPA only')} |",
-              flush=True)
+        name = name.strip()
+        results[name] = bench(name, args.seconds, args.min_rounds, args.calls, int(steps.get(name, 4)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over rounds; overheads: median of "
+          "the rounds' ratios [interquartile range]")
+    for table, title in (("pipeline", "seconds per denoising step (whole generations: DDIM, guidance 7.5, prompt "
+                                      "and image embeddings given, latents out; ours sets its image prompt in each)"),
+                         ("unet", "seconds per UNet call (one CFG batch)")):
+        print(f"\n{title}\n")
+        print("| model | rounds | plain | ipadapter | diffusers IP-Adapter | ipadapter overhead | diffusers overhead | "
+              "ipadapter overhead, SDPA only |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            t = r[table]
+            med = {k: statistics.median(v) for k, v in t.items()}
+            label = f"{name} ({steps.get(name, 4)} steps)" if table == "pipeline" else name
+            print(f"| {label} | {len(t['plain UNet'])} | {med['plain UNet']:.4f} | {med['ipadapter']:.4f} | "
+                  f"{med['diffusers IP-Adapter']:.4f} | {overhead(t, 'ipadapter')} | "
+                  f"{overhead(t, 'diffusers IP-Adapter')} | {overhead(t, 'ipadapter, SDPA only')} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (full arguments, quick arguments, what it shows)
 BENCHMARKS: dict[str, tuple[list[str], list[str], str]] = {
     "inference_overhead": (
-        ["--models", "tinyworld,sd15", "--seconds", "90", "--min-rounds", "8"],
+        ["--models", "tinyworld,sd15", "--seconds", "120", "--min-rounds", "6"],
         ["--models", "tinyworld,sd15", "--seconds", "10", "--min-rounds", "3"],
         "seconds per denoising step: plain UNet, our adapter, diffusers' built-in IP-Adapter (target: ours <= 2% "
         "and below diffusers')",

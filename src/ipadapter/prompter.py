@@ -389,7 +389,9 @@ class ImagePrompter:
         try:
             for slot, p in enumerate(prompts):
                 self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))
-            hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
+            hook = None  # the step is tracked only where a step window needs it (a few tensor ops per step)
+            if any(a.state.windowed for a in self.adapters):
+                hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
             try:
                 return self.pipe(
                     prompt=prompt,
@@ -398,7 +400,8 @@ class ImagePrompter:
                     **controls,
                 )
             finally:
-                hook.remove()
+                if hook is not None:
+                    hook.remove()
         finally:
             for a in self.adapters:
                 a.state.clear()

@@ -215,8 +215,13 @@ class PromptState:
     def progress(self, value: tuple[int, int] | None) -> None:
         if value != self._progress:
             self._progress = value
-            if self.window != (0.0, 1.0) or any(g.window not in (None, (0.0, 1.0)) for g in self.groups):
+            if self.windowed:
                 self.plans.clear()  # which groups act may change with the step
+
+    @property
+    def windowed(self) -> bool:
+        """Whether a step window is set (on the adapter or a group): only then does the step matter."""
+        return self.window != (0.0, 1.0) or any(g.window not in (None, (0.0, 1.0)) for g in self.groups)
 
     def in_window(self, window: tuple[float, float] | None = None) -> bool:
         start, end = self.window if window is None else window
