@@ -217,7 +217,6 @@ class ImageBranch:
         return found
 
 
-
 class LoRABranch:
     """FaceID LoRA deltas for one attention layer: proj(x) + lora(x) on q, k, v and out."""
 
