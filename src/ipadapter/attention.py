@@ -207,12 +207,14 @@ class ImageBranch:
         if found is None:
             k, v = self._keys_values(group, query, heads) if mode == "v" else \
                 self._scaled_keys_values(group, query, heads, scale, mode)  # (B, H, T, Dh) each  # fmt: skip
-            eye = torch.eye(heads, device=k.device, dtype=k.dtype)
             tokens = k.shape[2]
-            k_blocks = torch.einsum("bhtd,hg->bhtgd", k * head_dim**-0.5, eye)  # (B, H, T, H, Dh)
-            v_blocks = torch.einsum("bhtd,hg->bhtgd", v, eye)
-            found = (k_blocks.reshape(batch, heads * tokens, heads * head_dim).contiguous(),
-                     v_blocks.reshape(batch, heads * tokens, heads * head_dim).contiguous())  # fmt: skip
+            k_blocks = k.new_zeros(batch, heads, tokens, heads, head_dim)  # [b, h, t, g, d]: nonzero where g == h
+            v_blocks = torch.zeros_like(k_blocks)
+            # diagonal(1, 3) views the g == h entries as (B, T, Dh, H)
+            k_blocks.diagonal(dim1=1, dim2=3).copy_(k.permute(0, 2, 3, 1)).mul_(head_dim**-0.5)
+            v_blocks.diagonal(dim1=1, dim2=3).copy_(v.permute(0, 2, 3, 1))
+            found = (k_blocks.view(batch, heads * tokens, heads * head_dim),
+                     v_blocks.view(batch, heads * tokens, heads * head_dim))  # fmt: skip
             self.state.store(key, found)
         return found
 

@@ -68,7 +68,7 @@ def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, c
     if not cfg:
         if batch_size % n:
             raise ValueError(f"UNet batch of {batch_size} rows does not divide into the {n} image prompts set")
-        return rows.repeat_interleave(batch_size // n, dim=0)
+        return rows if batch_size == n else rows.repeat_interleave(batch_size // n, dim=0)
     if batch_size % (2 * n):
         raise ValueError(
             f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}) for the {n} image prompts "
@@ -76,6 +76,8 @@ def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, c
         )
     r = batch_size // (2 * n)
     first = rows if uncond is None else uncond
+    if r == 1:
+        return torch.cat([first, rows])
     return torch.cat([first.repeat_interleave(r, dim=0), rows.repeat_interleave(r, dim=0)])
 
 
@@ -162,8 +164,15 @@ class PromptState:
     def tokens_for(self, batch_size: int, group: int = 0) -> torch.Tensor:
         """The (batch_size, T, C) tokens of `group` matching a UNet batch of `batch_size` rows."""
         self._check_set()
-        g = self.groups[group]
-        return rows_for(g.cond, g.uncond, batch_size, cfg=g.uncond is not None)
+        keep = self.use_cache and not torch.is_grad_enabled()
+        key = ("tokens", group, batch_size)
+        found = self._cache.get(key) if keep else None
+        if found is None:
+            g = self.groups[group]
+            found = rows_for(g.cond, g.uncond, batch_size, cfg=g.uncond is not None)
+            if keep:
+                self._cache[key] = found  # every layer attends to the same rows
+        return found  # type: ignore[return-value]
 
     def mask_for(self, group: int, batch_size: int, num_queries: int) -> torch.Tensor | None:
         """(batch_size, num_queries, 1) weights of `group`'s mask at a layer with `num_queries` positions."""
