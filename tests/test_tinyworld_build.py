@@ -67,6 +67,10 @@ def test_every_stage_writes_its_outputs_and_check(built):
     assert unet["steps"] == 4 and (built / "unet" / "samples.png").is_file()
     assert len((built / "unet" / "samples.txt").read_text().splitlines()) == unet["check"]["samples"] == 4
 
+    adapters = done(built, "adapters")
+    assert {v: t["steps"] for v, t in adapters["training"].items()} == {"base": 3, "plus": 4}  # variant_steps
+    assert set(adapters["check"]) == {"base", "plus"}
+
     assemble = done(built, "assemble")["check"]
     assert assemble["total_weight_bytes"] < 25e6
     assert assemble["torch_dtype_float32"]["image_size"] == [64, 64]
@@ -81,6 +85,19 @@ def test_rerun_skips_finished_stages(built, caplog):
         assert main(["--out", str(built), *SMOKE]) == 0
     assert {stage: (built / stage / "done.json").stat().st_mtime_ns for stage in STAGES} == stamps
     assert sum("skipped" in r.getMessage() for r in caplog.records) == len(STAGES)
+
+
+def test_adapters_rerun_keeps_trained_adapters_and_their_training_records(built, tmp_path):
+    # e.g. a later build that retrains one variant: the other's adapter and training record are kept, not lost
+    for part in ("data", "assemble", "adapters"):
+        shutil.copytree(built / part, tmp_path / part)
+    (tmp_path / "adapters" / "done.json").unlink()
+    shutil.rmtree(tmp_path / "adapters" / "plus")
+    assert main(["--out", str(tmp_path), *SMOKE, "--stages", "adapters"]) == 0
+    before, after = done(built, "adapters")["training"], done(tmp_path, "adapters")["training"]
+    assert after["base"] == before["base"] and after["plus"]["steps"] == 4
+    base = (built / "adapters" / "base" / "base.safetensors").read_bytes()
+    assert (tmp_path / "adapters" / "base" / "base.safetensors").read_bytes() == base
 
 
 def test_a_killed_stage_resumes_from_its_checkpoint_exactly(built, tmp_path):
@@ -175,6 +192,10 @@ def test_overrides_are_typed_and_checked():
     assert config.unet.batch_size == 4 and config.stack.unet.block_out_channels == (64, 128, 128)
     with pytest.raises(ValueError, match="unknown config field 'batchsize'"):
         apply_overrides(SCALES["smoke"]("cpu"), ["unet.batchsize=4"])
+    config = apply_overrides(SCALES["smoke"]("cpu"), ['adapters.variant_steps={"plus": 9}'])
+    assert config.adapters.variant_steps == {"plus": 9}
+    with pytest.raises(ValueError, match="positive step counts; found {'plus': 0}"):
+        apply_overrides(SCALES["smoke"]("cpu"), ['adapters.variant_steps={"plus": 0}'])
 
 
 def test_contrast_groups_differ_from_their_anchor_in_the_contrasted_attribute_only():

@@ -172,13 +172,19 @@ class AdaptersConfig:
 
     variants: tuple[str, ...] = ("base", "plus")  # adapter variants to train
     num_train: int = 20_000  # rendered training images (data source tinyworld:N:SEED)
-    steps: int = 1_500  # optimizer steps per variant
+    steps: int = 1_500  # optimizer steps per variant, unless `variant_steps` names it
+    variant_steps: dict[str, int] = field(default_factory=dict)  # e.g. {"plus": 6000}: a Resampler learns slower
     batch_size: int = 32  # batch size
     learning_rate: float = 1e-4  # AdamW learning rate (the paper's)
     checkpoint_every: int = 250  # steps between the trainer's atomic checkpoints
     check_references: int = 64  # held-out references for the concept-preservation check
     check_steps: int = 25  # DDIM steps of the check generations
     guidance_scale: float = 4.0  # classifier-free guidance of the check generations
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.variant_steps.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"adapters.variant_steps maps variant names to positive step counts; found {bad}")
 
 
 @dataclass
@@ -230,7 +236,8 @@ def _smoke(device: str) -> BuildConfig:
         vae=VaeTrainConfig(steps=3, batch_size=8, lr=1e-3, scale_images=48, **tiny),
         unet=UNetTrainConfig(steps=4, batch_size=8, snr_gamma=5.0, check_samples=4, check_steps=3, **tiny),
         assemble=AssembleConfig(check_steps=2),
-        adapters=AdaptersConfig(num_train=24, steps=3, batch_size=8, checkpoint_every=2, check_references=2,
+        adapters=AdaptersConfig(num_train=24, steps=3, variant_steps={"plus": 4}, batch_size=8, checkpoint_every=2,
+                                check_references=2,
                                 check_steps=2),
     )
 
@@ -264,6 +271,7 @@ def _full(device: str) -> BuildConfig:
         vae=VaeTrainConfig(steps=5_000, batch_size=16, lr=1e-3, warmup=100, checkpoint_every=250, log_every=100),
         unet=UNetTrainConfig(steps=12_000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999, snr_gamma=5.0,
                              checkpoint_every=250, log_every=100),  # fmt: skip
+        adapters=AdaptersConfig(variant_steps={"plus": 6_000}),
     )
 
 
@@ -1253,10 +1261,11 @@ def stage_adapters(ctx: Context) -> dict[str, Any]:
     for i, variant in enumerate(cfg.variants):
         folder = ctx.stage_dir("adapters") / variant
         shipped = folder / f"{variant}.safetensors"
+        steps = cfg.variant_steps.get(variant, cfg.steps)
         if not shipped.exists():
             train_cfg = TrainConfig(
                 base=str(base), variant=variant, data=f"tinyworld:{cfg.num_train}:{ctx.config.data.train_seed + 101}",
-                resolution=64, batch_size=cfg.batch_size, max_steps=cfg.steps, learning_rate=cfg.learning_rate,
+                resolution=64, batch_size=cfg.batch_size, max_steps=steps, learning_rate=cfg.learning_rate,
                 cache_embeddings=True, cache_dir=str(folder / "cache"), output=str(folder / "run"),
                 save_every=cfg.checkpoint_every, keep_last=1, seed=ctx.config.seed + 31 * (i + 1),
                 resume="latest" if list_checkpoints(folder / "run") else "",
@@ -1264,13 +1273,16 @@ def stage_adapters(ctx: Context) -> dict[str, Any]:
                 num_workers=min(8, os.cpu_count() or 1) if ctx.device.type == "cuda" else 0,
             )  # fmt: skip
             if ctx.stop_after is not None:
-                train_cfg.max_steps = min(cfg.steps, _resumed_step(folder / "run") + ctx.stop_after)
+                train_cfg.max_steps = min(steps, _resumed_step(folder / "run") + ctx.stop_after)
             trainer = Trainer(train_cfg, show_progress=False)
             final = trainer.run()
-            if train_cfg.max_steps < cfg.steps:
+            if train_cfg.max_steps < steps:
                 raise StoppedEarly(f"adapters/{variant}: stopped at step {train_cfg.max_steps}; rerun to resume")
+            record = {"steps": steps, "samples_per_s": trainer.samples_per_second, "train_seconds": trainer.loop_seconds}
+            _atomic_write_json(record, folder / "training.json")  # kept beside the adapter for later runs
             load_adapter(final / "adapter.safetensors", dtype=torch.float16).save(shipped)
-            training[variant] = {"samples_per_s": trainer.samples_per_second, "train_seconds": trainer.loop_seconds}
+        if (folder / "training.json").is_file():
+            training[variant] = json.loads((folder / "training.json").read_text())
         checks[variant] = adapter_check(ctx, base, shipped)
         logger.info("adapters/%s: %s %s", variant, json.dumps(training.get(variant)), json.dumps(checks[variant]))
     return {"check": checks, "training": training}
