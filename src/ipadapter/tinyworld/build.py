@@ -243,7 +243,8 @@ def _smoke(device: str) -> BuildConfig:
 
 
 def _full(device: str) -> BuildConfig:
-    """The full build. CPU: 179 minutes on 2 cores with `--threads 2 --jobs 2` (tiny world version 4; its UNet's
+    """The full build. CPU: about 203 minutes on 2 cores with `--threads 2 --jobs 2` (version 4 took 179; version 5
+    trains Plus for 6000 steps instead of 1500, 32 instead of 9 minutes; its UNet's
     min-SNR weights let 384k samples do what 1.84M plain ones did in the GPU recipe).
     CUDA: 8-64x larger batches and fewer steps, since a GPU step costs about the same up to these batch sizes."""
     if device == "cuda":
