@@ -30,19 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def load_model(name: str):
-    """(unet, latent size, image embed dim) for 'tinyworld' or 'sd15' (real SD1.5 config, random weights)."""
+    """(unet, latent size, image embed dim, text tokens) for 'tinyworld' or 'sd15' (real SD1.5 config, random
+    weights); text tokens: the length of the model's prompt embeddings (its tokenizer's model_max_length)."""
     from diffusers import UNet2DConditionModel
 
     if name == "tinyworld":
+        import json
+
         from ipadapter.sources import resolve_base
 
-        return UNet2DConditionModel.from_pretrained(resolve_base("tinyworld"), subfolder="unet").eval(), 16, 64
+        folder = Path(resolve_base("tinyworld"))
+        tokens = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]  # 16
+        return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval(), 16, 64, tokens
     if name == "sd15":
         from tiny_models import reference_json
 
         cfg = {k: v for k, v in reference_json("sd15/unet_config.json").items() if not k.startswith("_")}
         torch.manual_seed(0)
-        return UNet2DConditionModel(**cfg).eval(), 32, 1024  # 256x256 images
+        return UNet2DConditionModel(**cfg).eval(), 32, 1024, 77  # 256x256 images
     raise ValueError(f"unknown model {name!r}; expected tinyworld or sd15")
 
 
@@ -80,7 +85,7 @@ def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int) ->
 
     from ipadapter import IPAdapter
 
-    unet, size, embed_dim = load_model(name)
+    unet, size, embed_dim, text_tokens = load_model(name)
     cross = unet.config.cross_attention_dim
     theirs = copy.deepcopy(unet)
     plain = copy.deepcopy(unet)
@@ -104,7 +109,7 @@ def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int) ->
                                                       image_encoder_folder=None)
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, size, size, generator=g)  # a CFG batch
-    text = torch.randn(2, 77, cross, generator=g)  # [negative, positive] prompt embeddings
+    text = torch.randn(2, text_tokens, cross, generator=g)  # [negative, positive] prompt embeddings
     embeds = torch.randn(2, 1, embed_dim, generator=g)  # [unconditional, reference] image embeddings
     t = torch.tensor(500)
     adapter.attach(unet)

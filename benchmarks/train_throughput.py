@@ -15,6 +15,7 @@ world the UNet dwarfs its tiny VAE and encoders, which bounds what any cache can
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import tempfile
 import time
@@ -28,15 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def official_style(cfg, steps: int, device: torch.device) -> float:
-    """samples/s of a tutorial_train.py-style loop: every frozen model runs every step, no cache. As there, the
-    frozen models are cast to the mixed-precision dtype and the adapter stays float32 under autocast."""
+    """samples/s of a tutorial_train.py-style loop: every frozen model runs every step, no cache. As there, the VAE,
+    text and image encoders are cast to the mixed-precision dtype while the UNet and the adapter stay float32 under
+    autocast, and every step reads its loss back (`.item()`) and prints a line (here into a string buffer)."""
     from ipadapter import IPAdapter
     from ipadapter.training.data import TrainDataset, collate, read_records
     from ipadapter.training.models import load_frozen_models, tokenize_fn
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     models = load_frozen_models(cfg.base, cfg.image_encoder, True)
-    for frozen in (models.unet, models.vae, models.image_encoder.model, *models.text_encoders):
+    models.unet.to(device, torch.float32)  # tutorial_train.py: `#unet.to(accelerator.device, dtype=weight_dtype)`
+    for frozen in (models.vae, models.image_encoder.model, *models.text_encoders):
         frozen.to(device, dtype)
     torch.manual_seed(0)
     adapter = IPAdapter.for_unet(models.unet, "base", image_embed_dim=models.image_encoder.pooled_dim).attach(models.unet)
@@ -49,6 +52,7 @@ def official_style(cfg, steps: int, device: torch.device) -> float:
     scheduler, sf = models.noise_scheduler, models.vae.config.scaling_factor
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     done, started = 0, None
+    log = io.StringIO()  # the tutorial prints to the terminal
     while done < steps + 2:
         for batch in loader:
             if done == 2:
@@ -67,9 +71,11 @@ def official_style(cfg, steps: int, device: torch.device) -> float:
             with autocast:
                 adapter.set_tokens(adapter.project(image=image_embeds.float()))
                 loss = F.mse_loss(models.unet(noisy, t, text).sample.float(), noise.float())
+            step_loss = loss.detach().mean().item()  # there: accelerator.gather(loss.repeat(bs)).mean().item()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+            print(f"step {done}, step_loss: {step_loss}", file=log)
             done += 1
             if started is not None:
                 seen += len(latents)

@@ -69,6 +69,18 @@ def test_only_the_adapter_learns(world, tmp_path, variant):
     assert all(torch.isfinite(p).all() for p in trained.parameters())
 
 
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoints_finite(world, tmp_path):
+    # lr 1e30: the first update makes the weights huge, the next forward overflows. Losses are checked at logs and
+    # saves (not every step), and no checkpoint is written once a loss or a weight is non-finite.
+    cfg = _cfg(world, tmp_path / "run", learning_rate=1e30, max_steps=8, save_every=1, log_every=4)
+    with pytest.raises(FloatingPointError, match=r"at step \d+; lower --learning-rate"):
+        train(cfg, show_progress=False)
+    saved = list_checkpoints(tmp_path / "run")
+    assert len(saved) < 8  # it stopped
+    for checkpoint in saved:
+        assert all(torch.isfinite(p).all() for p in load_adapter(checkpoint / "adapter.safetensors").parameters())
+
+
 def test_resume_is_exact(world, tmp_path):
     straight = train(_cfg(world, tmp_path / "a", max_steps=4), show_progress=False)
     train(_cfg(world, tmp_path / "b", max_steps=2), show_progress=False)

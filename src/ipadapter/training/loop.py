@@ -57,6 +57,14 @@ def epoch_batches(n: int, seed: int, epoch: int, start: int, batch: int, world: 
         yield order[pos + rank * batch : pos + (rank + 1) * batch]
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device. On CUDA through pinned memory without blocking, so that preparing the next step's inputs does
+    not wait for the GPU to finish the current step (a plain `.to("cuda")` from pageable memory synchronizes)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def drop_masks(r: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniform draw per sample: [0, p_i) image only, [p_i, p_i+p_t) text only, then p_b both (paper §4.1)."""
     pi, pt, pb = cfg.drop_image, cfg.drop_text, cfg.drop_both
@@ -253,19 +261,23 @@ class Trainer:
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        kwargs: dict = {"noisy": noisy.to(device), "timesteps": timesteps.to(device), "text": text.to(device).float()}
+
+        def put(x: torch.Tensor) -> torch.Tensor:
+            return to_device(x, device)
+
+        kwargs: dict = {"noisy": put(noisy), "timesteps": put(timesteps), "text": put(text).float()}
         if image is not None:
-            kwargs["image"] = image.to(device).float()
+            kwargs["image"] = put(image).float()
         if "face_id" in batch:
-            kwargs["face_id"] = torch.where(drop_image[:, None], 0.0, batch["face_id"].float()).to(device)
+            kwargs["face_id"] = put(torch.where(drop_image[:, None], 0.0, batch["face_id"].float()))
         if models.is_sdxl:
             res = float(cfg.resolution)
             time_ids = torch.cat(
                 [batch["original_size"].float(), batch["crop_top_left"].float(), torch.tensor([[res, res]]).repeat(b, 1)],
                 dim=1,
             )
-            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device).float(), "time_ids": time_ids.to(device)}
-        return kwargs, target.to(device), timesteps
+            kwargs["added_cond_kwargs"] = {"text_embeds": put(pooled).float(), "time_ids": put(time_ids)}
+        return kwargs, put(target), timesteps
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -279,7 +291,24 @@ class Trainer:
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
 
-    def save(self) -> Path | None:
+    def check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
+        """Raises FloatingPointError if any process saw a non-finite loss among `losses` ((step, loss) since the last
+        log) or holds non-finite adapter weights. One host sync per call, not per step (a per-step `.item()` would
+        stall the GPU queue); a collective decision, so every process raises together instead of some waiting."""
+        acc = self.accelerator
+        values = torch.stack([v.float() for _, v in losses]) if losses else torch.zeros(1, device=acc.device)
+        weights = torch.stack([torch.isfinite(p).all() for p in self.adapter.parameters()]).all()
+        ok = torch.stack([torch.isfinite(values).all(), weights]).float()[None]  # (1, 2)
+        flags = acc.gather(ok).amin(dim=0)  # (2,): 1 where every process is fine
+        if bool(flags.all()):
+            return
+        bad = [(step, v.item()) for step, v in losses if not math.isfinite(v.item())]
+        where = f"loss became {bad[0][1]} at step {bad[0][0]}" if bad else (
+            "a loss became non-finite on another process" if not flags[0] else "the adapter weights became non-finite")
+        raise FloatingPointError(f"{where}; lower --learning-rate (checkpoints written before it are intact)")
+
+    def save(self, losses: list[tuple[int, torch.Tensor]] = ()) -> Path | None:
+        self.check_finite(list(losses))  # never write a checkpoint with non-finite weights
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
@@ -320,9 +349,7 @@ class Trainer:
                         acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower --learning-rate")
-                losses.append(loss.detach())
+                losses.append((self.step + 1, loss.detach()))  # checked at the next log or save
                 seen += len(batch["index"]) * acc.num_processes
             self.lr_scheduler.step()
             self.step += 1
@@ -330,7 +357,8 @@ class Trainer:
             if self.step - first_step == 2:
                 warm = (time.perf_counter(), seen)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                mean_loss = acc.gather(torch.stack(losses).mean()[None]).mean().item()
+                self.check_finite(losses)
+                mean_loss = acc.gather(torch.stack([v for _, v in losses]).mean()[None]).mean().item()
                 rate = seen / max(time.perf_counter() - started, 1e-9)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:.1f}", skipped=self.skipped)
                 if acc.log_with:
@@ -339,7 +367,7 @@ class Trainer:
             if cfg.validate_every and self.step % cfg.validate_every == 0 and acc.is_main_process:
                 self.validate()
             if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                self.save()
+                self.save(losses)
         bar.close()
         now = time.perf_counter()
         self.loop_seconds = now - started
@@ -347,7 +375,7 @@ class Trainer:
             self.samples_per_second = (seen - warm[1]) / (now - warm[0])
         else:
             self.samples_per_second = seen / max(self.loop_seconds, 1e-9)
-        final = self.save()
+        final = self.save(losses)
         if acc.log_with:
             acc.end_training()
         self.adapter.detach()
