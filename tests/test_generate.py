@@ -63,12 +63,16 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         (["--image", str(root / "ref.png"), "--adapter", str(tmp_path / "none.bin")], "adapter not found"),
         (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--strength", "2"],
          r"--strength must be in \(0, 1\], found 2.0"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--num-images", "0"],
+         r"^error: --num-images must be >= 1, found 0$"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--steps", "0"],
+         r"^error: --steps must be >= 1, found 0$"),
     ]
     import re
 
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
-        assert re.search(message, capsys.readouterr().err)
+        assert re.search(message, capsys.readouterr().err, re.M)
 
 
 def test_controlnet_sees_text_only_and_gives_diffusers_pixels(setup, tmp_path):
@@ -151,7 +155,7 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
     ]
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
-        assert re.search(message, capsys.readouterr().err), message
+        assert re.search(message, capsys.readouterr().err, re.M), message
 
 
 def test_single_file_base_gives_the_folders_pixels(setup, tmp_path):

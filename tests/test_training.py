@@ -81,6 +81,20 @@ def test_a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoints_fini
         assert all(torch.isfinite(p).all() for p in load_adapter(checkpoint / "adapter.safetensors").parameters())
 
 
+def test_resume_refuses_what_does_not_fit_and_names_the_checkpoint_to_use(world, tmp_path):
+    train(_cfg(world, tmp_path / "run", max_steps=2, save_every=1), show_progress=False)
+    with pytest.raises(ValueError, match=r"trained as another adapter \(variant: 'base' there, 'plus' now\)"):
+        train(_cfg(world, tmp_path / "run", resume="latest", variant="plus"), show_progress=False)
+    with pytest.raises(ValueError, match=r"its adapter does not fit this run's model \(base 'tinyworld'"):
+        train(_cfg(world, tmp_path / "run", resume="latest", base="tinyworld"), show_progress=False)
+    first, latest = list_checkpoints(tmp_path / "run")
+    (latest / "adapter.safetensors").write_bytes(b"\0" * 64)  # a disk error after the save
+    with pytest.raises(ValueError, match=rf"not a readable safetensors file.*the previous checkpoint is .*{first.name}"):
+        train(_cfg(world, tmp_path / "run", resume="latest"), show_progress=False)
+    final = train(_cfg(world, tmp_path / "run", resume=str(first)), show_progress=False)
+    assert final.name == "checkpoint-4"
+
+
 def test_resume_is_exact(world, tmp_path):
     straight = train(_cfg(world, tmp_path / "a", max_steps=4), show_progress=False)
     train(_cfg(world, tmp_path / "b", max_steps=2), show_progress=False)

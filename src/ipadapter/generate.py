@@ -91,8 +91,9 @@ def check_inputs(cfg: GenerateConfig) -> None:
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
-    if cfg.num_images < 1 or (cfg.steps is not None and cfg.steps < 1):
-        raise ValueError(f"--num-images and --steps must be >= 1, found {cfg.num_images} and {cfg.steps}")
+    for flag, value in (("--num-images", cfg.num_images), ("--steps", cfg.steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, found {value}")
     if not 0 <= cfg.start <= cfg.end <= 1:
         raise ValueError(f"expected 0 <= --start <= --end <= 1, found {cfg.start} and {cfg.end}")
     if not 0 < cfg.strength <= 1:

@@ -8,6 +8,7 @@ temporary folder and renamed into place, so a kill during a save leaves the prev
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -88,3 +89,23 @@ def resolve_resume(output: str | Path, resume: str) -> Path | None:
     if not (path / "adapter.safetensors").is_file():
         raise FileNotFoundError(f"cannot resume from {path}: expected a checkpoint folder with adapter.safetensors")
     return path
+
+
+# What a checkpoint's weights are: resuming with another variant would load them into another projection. (The base
+# and image encoder may move to another path or be swapped for a fine-tune; a model they do not fit fails to load.)
+MODEL_FIELDS = ("variant",)
+
+
+def check_resumable(checkpoint: str | Path, config: dict) -> None:
+    """Raises ValueError if `checkpoint` was trained as another adapter (`MODEL_FIELDS`) than `config` describes.
+    Other settings (steps, learning rate, logging, ...) may change on resume."""
+    saved_path = Path(checkpoint) / "train_config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    differ = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS if k in saved and saved[k] != config[k]]
+    if differ:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained as another adapter ({'; '.join(differ)}); resume with the "
+            f"run's own settings (its train_config.json) or start a new --output"
+        )

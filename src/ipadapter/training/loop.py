@@ -24,7 +24,7 @@ from ..adapter import IPAdapter
 from ..checkpoint import load_adapter
 from ..variants import get_variant
 from .cache import EmbeddingCache, build_cache, fingerprint
-from .checkpointing import list_checkpoints, load_training_state, resolve_resume, save_checkpoint
+from .checkpointing import check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint
 from .config import TrainConfig, field_help
 from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, read_records
 from .models import encode_text, load_frozen_models, tokenize_fn
@@ -119,6 +119,8 @@ class Trainer:
             raise ValueError(
                 f"{self.output} already holds checkpoints; pass --resume latest to continue, or a new --output"
             )
+        if self.resume_from is not None:  # before loading any model
+            check_resumable(self.resume_from, dataclasses.asdict(cfg))
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
@@ -130,7 +132,14 @@ class Trainer:
             torch.manual_seed(cfg.seed)  # the projection's random init is part of the run's reproducibility
             adapter = IPAdapter.for_unet(models.unet, cfg.variant, image_embed_dim=embed_dim)
         if self.resume_from is not None:
-            adapter.load_state_dict(load_adapter(self.resume_from / "adapter.safetensors").state_dict())
+            try:
+                adapter.load_state_dict(self._resumed_adapter().state_dict())
+            except RuntimeError as error:  # strict loading: another base or image encoder than the run's
+                encoder = repr(cfg.image_encoder) if cfg.image_encoder else "the base folder's"
+                raise ValueError(
+                    f"cannot resume from {self.resume_from}: its adapter does not fit this run's model (base "
+                    f"{cfg.base!r}, image encoder {encoder}): {str(error).splitlines()[0]}"
+                ) from error
         adapter.config.extra.update({"base": cfg.base, "image_encoder": cfg.image_encoder})
         self.adapter = adapter.float().train().attach(models.unet)
         if cfg.gradient_checkpointing:
@@ -153,6 +162,15 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             self.skipped = state.get("skipped", 0)
+
+    def _resumed_adapter(self) -> IPAdapter:
+        """The checkpoint's adapter; an unreadable one names the checkpoint to resume from instead."""
+        try:
+            return load_adapter(self.resume_from / "adapter.safetensors")
+        except (ValueError, OSError) as error:
+            earlier = [c for c in list_checkpoints(self.output) if c.resolve() != self.resume_from.resolve()]
+            hint = f"the previous checkpoint is {earlier[-1]} (--resume {earlier[-1]})" if earlier else "no other checkpoint exists"
+            raise ValueError(f"cannot resume from {self.resume_from}: {error}; {hint}") from error
 
     def _setup_data(self) -> None:
         cfg, models = self.cfg, self.models
