@@ -58,6 +58,22 @@ def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert lines_after[2]["per_image_clip_i"] == json.loads(lines[2])["per_image_clip_i"]
 
 
+def test_eval_clip_counts_unreadable_references_and_fails_when_none_is_left(tmp_path, capsys):
+    render(_scene()).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    pairs = [{"image_file": "ok.png", "text": "a red circle"}, {"image_file": "broken.png", "text": "x"},
+             {"image_file": "missing.png", "text": "y"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    args = ["eval", "clip", "--data", str(tmp_path / "pairs.json"), "--image-root", str(tmp_path), "--images-per-pair",
+            "1", "--steps", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["skipped"] == 2
+    assert "2 pair(s) skipped: reference image missing or unreadable" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text(json.dumps(pairs[1:]))
+    assert main([*args[:2], "--data", str(tmp_path / "bad.json"), *args[4:], "--out", str(tmp_path / "b")]) == 2
+    assert "error: no pair of" in capsys.readouterr().err
+
+
 def test_eval_tinyworld_prints_cp_pf_rows(tmp_path, capsys):
     out = tmp_path / "table.md"
     assert main(["eval", "tinyworld", "--protocol", "image", "image+text", "--scale", "0", "1", "--n", "4",

@@ -153,6 +153,34 @@ def test_every_data_format_gives_the_same_records(world, tmp_path):
     assert streamed[0].image_bytes == Path(records[0].image_path).read_bytes()
 
 
+def test_malformed_data_files_name_the_file_and_line(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"image_file": "a.png", "text": "a"}\n\nnot json\n')
+    with pytest.raises(ValueError, match=r"data.jsonl, line 3: not a JSON object .*'not json'"):
+        read_records(str(tmp_path / "data.jsonl"))
+    (tmp_path / "data.json").write_text('[{"image_file": "a.png",\n "text": "a"')
+    with pytest.raises(ValueError, match=r"data.json: not valid JSON \(.* at line 2, column \d+\)"):
+        read_records(str(tmp_path / "data.json"))
+    (tmp_path / "items.json").write_text('[{"text": "no image"}]')
+    with pytest.raises(ValueError, match=r"item 0 must be an object with 'image_file'"):
+        read_records(str(tmp_path / "items.json"))
+
+
+def test_config_file_is_read_overridden_by_flags_and_checked(tmp_path):
+    from ipadapter.training.loop import config_from_args
+
+    (tmp_path / "run.json").write_text(json.dumps({"batch_size": 2, "learning_rate": 0.001, "variant": "plus"}))
+    cfg = config_from_args(["--config", str(tmp_path / "run.json"), "--batch-size", "3"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.variant) == (3, 0.001, "plus")  # flags win over the file
+    (tmp_path / "typo.json").write_text(json.dumps({"lerning_rate": 1}))
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields \['lerning_rate'\]"):
+        config_from_args(["--config", str(tmp_path / "typo.json")])
+    (tmp_path / "broken.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"broken.json: not valid JSON"):
+        config_from_args(["--config", str(tmp_path / "broken.json")])
+    with pytest.raises(FileNotFoundError, match="--config file not found"):
+        config_from_args(["--config", str(tmp_path / "none.json")])
+
+
 def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
     data = Path(make_world_folder(tmp_path / "data", 12, seed=5))
     (data / "0003.png").write_bytes(b"not an image at all")

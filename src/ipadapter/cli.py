@@ -59,6 +59,10 @@ def cmd_eval_clip(args: argparse.Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in fields(ClipEvalConfig) if getattr(args, f.name, None) is not None}
     summary = run_clip_eval(ClipEvalConfig(**values))
     print(markdown(summary))
+    if not summary["pairs"]:
+        print(f"error: no pair of {summary['config']['data']} was evaluated ({summary['skipped']} skipped: reference "
+              "image missing or unreadable)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

@@ -107,6 +107,8 @@ def markdown(summary: dict) -> str:
         "|---|---|---|---|",
         f"| {summary['pairs']} | {f(summary['clip_i'])} | {f(summary['clip_t'])} | {f(summary['clipscore'])} |",
         "",
+        *([(f"{summary['skipped']} pair(s) skipped: reference image missing or unreadable (listed in "
+            "results.rank*.jsonl)."), ""] if summary.get("skipped") else []),
     ])  # fmt: skip
 
 

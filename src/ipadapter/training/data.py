@@ -84,9 +84,18 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
             records.append(Record(key=str(image.relative_to(path)), text=text, image_path=str(image)))
         return records
     if path.suffix == ".jsonl":
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not a JSON object ({error.msg}): {line!r:.80}") from error
     elif path.suffix == ".json":
-        items = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from error
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of {{'image_file': ..., 'text': ...}}, found {type(items).__name__}")
     else:

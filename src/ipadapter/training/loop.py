@@ -446,7 +446,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
     args = build_parser().parse_args(argv)
-    base = json.loads(Path(args.config).read_text()) if args.config else {}
+    base = {}
+    if args.config:
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"--config file not found: {args.config}")
+        try:
+            base = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--config {args.config}: not valid JSON ({error.msg} at line {error.lineno})") from error
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object of TrainConfig fields")
+        unknown = sorted(set(base) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"--config {args.config}: unknown TrainConfig fields {unknown}")
     overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     return TrainConfig(**{**base, **overrides})
 
