@@ -52,6 +52,16 @@ def test_seed_gives_the_pixels_diffusers_gives(setup, tmp_path):
     params = read_parameters(tmp_path / "000005-000.png")
     assert params["seed"] == 5 and params["scale"] == 0.7 and params["negative_prompt"] == ""
     assert params["guidance"] == 7.5  # the pipeline's default, recorded as used
+    # another size: the same pixels as diffusers' height / width
+    sized = args[: args.index("--num-images")] + [*args[args.index("--base"):-1], str(tmp_path / "sized"),
+                                                  "--width", "24", "--height", "32"]  # fmt: skip
+    assert main(sized) == 0
+    ours = np.asarray(Image.open(tmp_path / "sized" / "000005-000.png"))
+    theirs = pipe(prompt="a red shape", ip_adapter_image=Image.open(root / "ref.png"), num_inference_steps=3, width=24,
+                  height=32, generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
+    assert ours.shape == (32, 24, 3)
+    assert np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max() <= 1
+    assert read_parameters(tmp_path / "sized" / "000005-000.png")["width"] == 24
 
 
 def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
@@ -67,6 +77,12 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
          r"^error: --num-images must be >= 1, found 0$"),
         (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--steps", "0"],
          r"^error: --steps must be >= 1, found 0$"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--width", "30"],
+         r"--width must be a positive multiple of 8 .*, found 30"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--init-image",
+          str(root / "ref.png"), "--height", "16"], r"--width / --height do not apply with --init-image"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--out",
+          str(root / "ref.png")], r"--out .*ref.png is a file; expected a folder"),
     ]
     import re
 

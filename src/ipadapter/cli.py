@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insightface-root", help="insightface root holding models/buffalo_l (default: ~/.insightface)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the pipeline's)")
     p.add_argument("--seed", type=int, help='seed of torch.Generator("cpu") (default: 0)')
     p.add_argument("--num-images", type=int, help="images to generate (default: 1)")
     p.add_argument("--base", help="diffusers folder, checkpoint file or hub id (default: tinyworld)")

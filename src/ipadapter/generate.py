@@ -48,6 +48,8 @@ class GenerateConfig:
     end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
     guidance: float | None = None  # classifier-free guidance (default: the pipeline's)
+    width: int | None = None  # image width in pixels, a multiple of 8 (default: the pipeline's; not for --init-image)
+    height: int | None = None  # image height in pixels, a multiple of 8 (default: the pipeline's; not for --init-image)
     seed: int = 0  # torch.Generator("cpu").manual_seed(seed), as diffusers users write it
     num_images: int = 1  # images per reference
     base: str = "tinyworld"  # diffusers folder, single checkpoint file, hub id, or tinyworld
@@ -94,6 +96,13 @@ def check_inputs(cfg: GenerateConfig) -> None:
     for flag, value in (("--num-images", cfg.num_images), ("--steps", cfg.steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, found {value}")
+    for flag, value in (("--width", cfg.width), ("--height", cfg.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"{flag} must be a positive multiple of 8 (as diffusers pipelines require), found {value}")
+    if (cfg.width or cfg.height) and cfg.init_image and not cfg.inpaint_mask:
+        raise ValueError("--width / --height do not apply with --init-image: image-to-image keeps the init image's size")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
     if not 0 <= cfg.start <= cfg.end <= 1:
         raise ValueError(f"expected 0 <= --start <= --end <= 1, found {cfg.start} and {cfg.end}")
     if not 0 < cfg.strength <= 1:
@@ -171,6 +180,12 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     from .sources import load_pipeline, resolve_adapter, resolve_image_encoder
 
     check_inputs(cfg)
+    for folder in (Path(cfg.out), Path(cfg.save_embeds).parent if cfg.save_embeds else None):
+        if folder is not None:
+            try:  # before any model work, so that a bad path costs nothing
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ValueError(f"cannot create the folder {folder}: {error.strerror}") from error
     # face embeddings before any model: a missing insightface or model pack fails fast
     faces = load_face_id(cfg.face_id) if cfg.face_id else face_embedding(cfg) if cfg.face_image else None
     kind = "inpaint" if cfg.inpaint_mask else "image2image" if cfg.init_image else "text2image"
@@ -204,6 +219,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
                     encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
     kwargs: dict = {"negative_prompt": cfg.negative_prompt, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
+    kwargs.update({k: v for k, v in (("width", cfg.width), ("height", cfg.height)) if v is not None})
     if cfg.init_image:
         kwargs.update(image=load_image(cfg.init_image), strength=cfg.strength)
     if cfg.inpaint_mask:
@@ -228,7 +244,6 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = PngImagePlugin.PngInfo()
     params = {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "steps": steps, "guidance": guidance}
     meta.add_text("ipadapter", json.dumps(params))
