@@ -222,6 +222,9 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     final = train(_cfg(world, tmp_path / "b", init_adapter=str(official), max_steps=2), show_progress=False)
     a, b = load_file(str(first / "adapter.safetensors")), load_file(str(final / "adapter.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"is a 'base' adapter \(linear projection, pooled features\) but --variant "
+                                         r"is 'plus' \(resampler projection, penultimate features\)"):  # fmt: skip
+        train(_cfg(world, tmp_path / "c", init_adapter=str(official), variant="plus"), show_progress=False)
 
 
 def test_two_processes_train_one_checkpoint(world, tmp_path):

@@ -127,7 +127,7 @@ class Trainer:
         self.models = models
         embed_dim = models.image_encoder.feature_dim(self.feature) if models.image_encoder is not None else None
         if cfg.init_adapter:
-            adapter = load_adapter(cfg.init_adapter, unet=models.unet, image_encoder=models.image_encoder)
+            adapter = self._init_adapter(models)
         else:
             torch.manual_seed(cfg.seed)  # the projection's random init is part of the run's reproducibility
             adapter = IPAdapter.for_unet(models.unet, cfg.variant, image_embed_dim=embed_dim)
@@ -162,6 +162,22 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             self.skipped = state.get("skipped", 0)
+
+    def _init_adapter(self, models) -> IPAdapter:
+        """The checkpoint to fine-tune (a file, or tinyworld-base / tinyworld-plus), checked against --variant before
+        it is checked against the UNet and the image encoder, so that a variant mismatch is named as one."""
+        from ..sources import resolve_adapter
+
+        path = resolve_adapter(self.cfg.init_adapter)
+        found = load_adapter(path).config
+        want = self.variant
+        if (found.projection, found.image_feature, found.attention) != (want.projection, want.image_feature, want.attention):
+            raise ValueError(
+                f"--init-adapter {self.cfg.init_adapter} is a {found.variant!r} adapter ({found.projection} projection, "
+                f"{found.image_feature} features) but --variant is {self.cfg.variant!r} ({want.projection} projection, "
+                f"{want.image_feature} features); pass the --variant of the checkpoint (e.g. {found.variant!r})"
+            )
+        return load_adapter(path, unet=models.unet, image_encoder=models.image_encoder)
 
     def _resumed_adapter(self) -> IPAdapter:
         """The checkpoint's adapter; an unreadable one names the checkpoint to resume from instead."""
