@@ -48,3 +48,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     adapter.save(tmp_path / "a.safetensors")
     assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.txt"), "--to", "official"]) == 2
     assert "official checkpoints are .bin or .safetensors" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2  # before any model is loaded
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    assert main(["eval", "tinyworld", "--n", "0"]) == 2
+    assert "n must be >= 1, found 0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,12 @@ def check_inputs(cfg: GenerateConfig) -> None:
             raise ValueError(f"{flag} must be a positive multiple of 8 (as diffusers pipelines require), found {value}")
     if (cfg.width or cfg.height) and cfg.init_image and not cfg.inpaint_mask:
         raise ValueError("--width / --height do not apply with --init-image: image-to-image keeps the init image's size")
+    numbers = {"--scale": cfg.scale, "--composition-scale": cfg.composition_scale, "--boost": cfg.boost,
+               "--content-scale": cfg.content_scale, "--guidance": cfg.guidance, "--controlnet-scale": cfg.controlnet_scale,
+               "--weights": sum(cfg.weights)}  # fmt: skip
+    for flag, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, found {value}")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
     if not 0 <= cfg.start <= cfg.end <= 1:

@@ -39,6 +39,12 @@ def run_demo(out: str | Path = "ipadapter-demo", seed: int = 0, steps: int = 20,
     from ..prompter import ImagePrompter
     from ..sources import load_pipeline, resolve_adapter, resolve_image_encoder
 
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, found {steps}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder (it receives demo.png)")
+    out.mkdir(parents=True, exist_ok=True)  # before any model work: a bad path costs nothing
     started = time.perf_counter()
     pipe = load_pipeline("tinyworld")
     pipe.set_progress_bar_config(disable=True)

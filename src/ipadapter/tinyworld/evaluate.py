@@ -34,6 +34,11 @@ class EvalSettings:
     batch_size: int = 50  # images per pipeline call
     edit_attributes: tuple[str, ...] = ("background", "color", "shape", "pattern")  # what image+text edits
 
+    def __post_init__(self) -> None:
+        for name in ("n", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class EvalResult:
