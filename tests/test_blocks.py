@@ -63,6 +63,17 @@ def test_every_preset_gives_one_weight_per_layer_on_any_unet():
         preset_weights(layer_names, "stlye")
 
 
+def test_scale_forms_and_a_scale_given_as_text_is_named(names):
+    layers = names["sd15"]
+    assert layer_weights(layers, 0.5) == [0.5] * 16
+    assert layer_weights(layers, [0.1 * i for i in range(16)]) == pytest.approx([0.1 * i for i in range(16)])
+    with pytest.raises(ValueError, match=r"expected one scale per adapted layer \(16\), found 2"):
+        layer_weights(layers, [1.0, 0.5])
+    with pytest.raises(TypeError, match="scale must be a number, one number per adapted layer or a diffusers block "
+                                        "dict; found '0.5'"):  # fmt: skip
+        layer_weights(layers, "0.5")  # a string is a sequence of characters, not of scales
+
+
 def test_block_dicts_expand_like_diffusers(names):
     from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 

@@ -230,6 +230,10 @@ def layer_weights(
         return block_dict_weights(layer_names, scale)
     if isinstance(scale, (int, float)):
         return [float(scale)] * len(layer_names)
+    if isinstance(scale, (str, bytes)):
+        raise TypeError(
+            f"scale must be a number, one number per adapted layer or a diffusers block dict; found {scale!r:.40}"
+        )
     scales = [float(s) for s in scale]
     if len(scales) != len(layer_names):
         raise ValueError(f"expected one scale per adapted layer ({len(layer_names)}), found {len(scales)}")
