@@ -179,6 +179,8 @@ def test_config_file_is_read_overridden_by_flags_and_checked(tmp_path):
         config_from_args(["--config", str(tmp_path / "broken.json")])
     with pytest.raises(FileNotFoundError, match="--config file not found"):
         config_from_args(["--config", str(tmp_path / "none.json")])
+    with pytest.raises(ValueError, match="resolution must be at least 8 pixels, found 0"):
+        config_from_args(["--resolution", "0"])
 
 
 def test_unreadable_images_are_skipped_and_counted(world, tmp_path):
@@ -260,6 +262,18 @@ def test_full_and_faceid_variants_train(world, tmp_path, variant):
     adapter = load_adapter(final / "adapter.safetensors")
     assert adapter.config.projection == ("mlp" if variant == "full" else "faceid")
     assert (adapter.lora is not None) == (variant == "faceid")  # FaceID trains its rank-128 LoRA too
+
+
+def test_data_with_nothing_usable_stops_with_a_clear_error_instead_of_looping(world, tmp_path):
+    records = read_records(world["data"])
+    items = [{"image_file": f"missing-{i}.png", "text": r.text} for i, r in enumerate(records)]
+    (tmp_path / "gone.json").write_text(json.dumps(items))  # e.g. a wrong --image-root
+    with pytest.raises(ValueError, match=r"no usable sample in .*gone.json: every image .* failed to load"):
+        train(_cfg(world, tmp_path / "a", data=str(tmp_path / "gone.json")), show_progress=False)
+    faces = [{"image_file": r.image_path, "text": r.text} for r in records]  # no id_embed_file
+    (tmp_path / "faces.json").write_text(json.dumps(faces))
+    with pytest.raises(ValueError, match=r"every record needs an 'id_embed_file'; 16 of 16 .* have none"):
+        train(_cfg(world, tmp_path / "b", data=str(tmp_path / "faces.json"), variant="faceid"), show_progress=False)
 
 
 def test_sdxl_trains_with_two_text_encoders_and_micro_conditioning(world, tmp_path):

@@ -62,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, found {self.mixed_precision!r}")
         if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size, max_steps and gradient_accumulation must be >= 1")
+        if self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, found {self.resolution}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -203,6 +203,13 @@ class Trainer:
         records = read_records(cfg.data, cfg.image_root)
         if cfg.max_samples:
             records = records[: cfg.max_samples]
+        if self.variant.id_embed_dim:
+            missing = [r.key for r in records if not r.face_id_path]
+            if missing:
+                raise ValueError(
+                    f"--variant {cfg.variant} trains on face embeddings: every record needs an 'id_embed_file'; "
+                    f"{len(missing)} of {len(records)} in {cfg.data} have none (first: {missing[0]})"
+                )
         self.records = records
         self.validation_records = records[: cfg.validation_images]
         dataset = TrainDataset(records, cfg.resolution, clip, self.tokenize)
@@ -370,7 +377,11 @@ class Trainer:
             for micro in range(cfg.gradient_accumulation):
                 batch = next(batches)
                 self.skipped += batch["skipped"]
+                since = self.epoch
                 while "index" not in batch:  # every image of the batch was unreadable
+                    if self.epoch - since >= 2:  # a whole pass over the data without one usable sample
+                        raise ValueError(f"no usable sample in {cfg.data}: every image (or face embedding) failed to "
+                                         f"load ({self.skipped} skipped); check the paths and --image-root")  # fmt: skip
                     batch = next(batches)
                     self.skipped += batch["skipped"]
                 g = step_generator(cfg.seed, self.step * cfg.gradient_accumulation + micro, acc.process_index)
