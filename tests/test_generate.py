@@ -189,3 +189,28 @@ def test_single_file_base_gives_the_folders_pixels(setup, tmp_path):
     a = np.asarray(Image.open(tmp_path / "folder" / "000004-000.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "file" / "000004-000.png")).astype(int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_path, capsys, monkeypatch):
+    from ldm_format import save_ldm_checkpoint
+
+    import ipadapter.sources
+
+    root, base, encoder = setup
+    common = ["generate", "--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"),
+              "--out", str(tmp_path / "out")]  # fmt: skip
+    cases = [(str(root / "ip-adapter.safetensors"), r"is not a single-file Stable Diffusion checkpoint: expected "
+                                                   r"model.diffusion_model.\* tensors .* such as \['image_proj"),
+             (str(root / "ref.png"), r"is neither a diffusers pipeline folder nor a single-file checkpoint"),
+             (str(tmp_path), r"is not a diffusers pipeline folder: model_index.json missing")]  # fmt: skip
+    monkeypatch.setattr(ipadapter.sources, "load_pipeline", None)  # any model work would fail differently
+    import re
+
+    for bad, message in cases:
+        assert main([*common, "--base", bad]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    monkeypatch.undo()
+    # a real single file without --base-config, offline: diffusers cannot fetch its configs; the error says what to pass
+    single = save_ldm_checkpoint(base, tmp_path / "model.safetensors")
+    assert main([*common, "--base", str(single), "--image-encoder", encoder]) == 2
+    assert "pass --base-config with the diffusers folder or hub id it follows" in capsys.readouterr().err

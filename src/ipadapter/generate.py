@@ -108,6 +108,11 @@ def check_inputs(cfg: GenerateConfig) -> None:
     for flag, value in numbers.items():
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, found {value}")
+    from .sources import check_base
+
+    check_base(cfg.base)
+    if cfg.controlnet and Path(cfg.controlnet).exists() and not (Path(cfg.controlnet) / "config.json").is_file():
+        raise FileNotFoundError(f"{cfg.controlnet} is not a diffusers ControlNet folder: config.json missing")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
     if not 0 <= cfg.start <= cfg.end <= 1:

@@ -42,6 +42,34 @@ def resolve_adapter(adapter: str) -> str:
     return str(path)
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def check_base(base: str) -> None:
+    """Raises a clear error if a local `base` cannot be a Stable Diffusion model: a folder without model_index.json,
+    a file that is not a single-file checkpoint (.safetensors / .ckpt) or one without the original layout's UNet
+    tensors (`model.diffusion_model.*`). Hub ids and "tinyworld" pass. Reads only a safetensors header."""
+    p = Path(resolve_base(base))
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise FileNotFoundError(f"{p} is not a diffusers pipeline folder: model_index.json missing")
+    elif p.is_file():
+        if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ValueError(f"{p} is neither a diffusers pipeline folder nor a single-file checkpoint "
+                             f"({' / '.join(SINGLE_FILE_SUFFIXES)})")  # fmt: skip
+        if p.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    keys = list(f.keys())
+            except Exception as error:  # noqa: BLE001 - safetensors raises several types for a bad header
+                raise ValueError(f"{p} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+            if not any(k.startswith("model.diffusion_model.") for k in keys):
+                raise ValueError(f"{p} is not a single-file Stable Diffusion checkpoint: expected model.diffusion_model.* "
+                                 f"tensors (the original layout), found {len(keys)} tensors such as {sorted(keys)[:3]}")  # fmt: skip
+
+
 def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   kind: str = "text2image", controlnet=None, config: str = "", **kwargs):
     """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.
@@ -65,15 +93,23 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
         raise ValueError(f"kind must be one of {sorted(classes)}, found {kind!r}")
     extra = {"controlnet": controlnet} if controlnet is not None else {}
     p = Path(path)
+    check_base(path)
     if p.is_file():
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         single = StableDiffusionXLPipeline if "xl" in p.name.lower() else StableDiffusionPipeline
         extra_single = {"config": config} if config else {}
-        pipe = single.from_single_file(str(p), torch_dtype=dtype, **extra_single, **kwargs)
+        try:
+            pipe = single.from_single_file(str(p), torch_dtype=dtype, **extra_single, **kwargs)
+        except (OSError, ValueError) as error:
+            if config:
+                raise
+            raise ValueError(
+                f"{p}: diffusers could not get the configs this single file needs ({error}); pass --base-config with "
+                "the diffusers folder or hub id it follows (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), which "
+                "must be local when offline"
+            ) from error
         pipe = classes[kind].from_pipe(pipe, **extra)
     else:
-        if p.exists() and not (p / "model_index.json").is_file():
-            raise FileNotFoundError(f"{p} is not a diffusers pipeline folder: model_index.json missing")
         pipe = classes[kind].from_pretrained(path, torch_dtype=dtype, **extra, **kwargs)
     return pipe.to(device)
