@@ -111,8 +111,6 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .sources import check_base
 
     check_base(cfg.base)
-    if cfg.controlnet and Path(cfg.controlnet).exists() and not (Path(cfg.controlnet) / "config.json").is_file():
-        raise FileNotFoundError(f"{cfg.controlnet} is not a diffusers ControlNet folder: config.json missing")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
     if not 0 <= cfg.start <= cfg.end <= 1:
@@ -140,6 +138,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
             raise ValueError(f"expected one --weights value per reference image ({count}), found {len(cfg.weights)}")
     if bool(cfg.controlnet) != bool(cfg.control_image):
         raise ValueError("--controlnet and --control-image go together; found only one of them")
+    if cfg.controlnet and Path(cfg.controlnet).exists() and not (Path(cfg.controlnet) / "config.json").is_file():
+        raise FileNotFoundError(f"{cfg.controlnet} is not a diffusers ControlNet folder: config.json missing")
     if cfg.inpaint_mask and not cfg.init_image:
         raise ValueError("--inpaint-mask needs --init-image (the image to repaint)")
     if cfg.content_text and not cfg.content_text_encoder and cfg.base != "tinyworld":

@@ -63,7 +63,7 @@ def check_base(base: str) -> None:
             try:
                 with safe_open(str(p), framework="pt") as f:
                     keys = list(f.keys())
-            except Exception as error:  # noqa: BLE001 - safetensors raises several types for a bad header
+            except Exception as error:  # safetensors raises several types for a bad header
                 raise ValueError(f"{p} is not a readable safetensors file (truncated or corrupt?): {error}") from error
             if not any(k.startswith("model.diffusion_model.") for k in keys):
                 raise ValueError(f"{p} is not a single-file Stable Diffusion checkpoint: expected model.diffusion_model.* "
