@@ -338,7 +338,9 @@ class Trainer:
         stall the GPU queue); a collective decision, so every process raises together instead of some waiting."""
         acc = self.accelerator
         values = torch.stack([v.float() for _, v in losses]) if losses else torch.zeros(1, device=acc.device)
-        weights = torch.stack([torch.isfinite(p).all() for p in self.adapter.parameters()]).all()
+        # the trainable tensors as the optimizer holds them (under FSDP: its flat shards, not the adapter's attributes)
+        trained = [torch.isfinite(p).all() for group in self.optimizer.param_groups for p in group["params"]]
+        weights = torch.stack(trained).all() if trained else torch.ones((), dtype=torch.bool, device=acc.device)
         ok = torch.stack([torch.isfinite(values).all(), weights]).float()[None]  # (1, 2)
         flags = acc.gather(ok).amin(dim=0)  # (2,): 1 where every process is fine
         if bool(flags.all()):
