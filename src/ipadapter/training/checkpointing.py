@@ -103,9 +103,23 @@ def check_resumable(checkpoint: str | Path, config: dict) -> None:
     if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    differ = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS if k in saved and saved[k] != config[k]]
+    differ = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS
+              if k in saved and _kind(k, saved[k]) != _kind(k, config[k])]  # fmt: skip
     if differ:
         raise ValueError(
             f"cannot resume from {checkpoint}: it was trained as another adapter ({'; '.join(differ)}); resume with the "
             f"run's own settings (its train_config.json) or start a new --output"
         )
+
+
+def _kind(field: str, value: str) -> object:
+    """What a field's value means for the weights: a variant by its architecture (so "plus" and "sd15_plus" agree)."""
+    if field == "variant":
+        from ..variants import get_variant
+
+        try:
+            v = get_variant(value)
+        except ValueError:
+            return value
+        return (v.projection, v.image_feature, v.attention, v.num_tokens)
+    return value
