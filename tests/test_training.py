@@ -93,6 +93,13 @@ def test_resume_refuses_what_does_not_fit_and_names_the_checkpoint_to_use(world,
         train(_cfg(world, tmp_path / "run", resume="latest"), show_progress=False)
     final = train(_cfg(world, tmp_path / "run", resume=str(first)), show_progress=False)
     assert final.name == "checkpoint-4"
+    from ipadapter.training.checkpointing import check_resumable
+
+    check_resumable(first, {"variant": "base"})
+    (first / "train_config.json").write_text(json.dumps({"variant": "plus"}))
+    check_resumable(first, {"variant": "sd15_plus"})  # another name for the same architecture
+    with pytest.raises(ValueError, match="trained as another adapter"):
+        check_resumable(first, {"variant": "sd15"})
 
 
 def test_resume_is_exact(world, tmp_path):
