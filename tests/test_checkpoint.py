@@ -148,6 +148,9 @@ def test_sdxl_adapter_on_sd15_unet_is_rejected_before_anything_changes():
     with pytest.raises(ValueError, match=r"for SDXL \(70 cross-attention layers.*UNet is SD1.5 \(16"):
         adapter.attach(unet)
     assert dict(unet.attn_processors) == before and not adapter.attached
+    with pytest.raises(ValueError, match=r"for SDXL \(70 cross-attention layers, context width 2048\); the UNet is "
+                                         r"custom \(16 cross-attention layers of context width \d+\)$"):  # fmt: skip
+        adapter.attach(tiny_unet("sd15"))  # a custom family is described once
 
 
 def test_vit_bigg_encoder_for_vit_h_adapter_is_rejected():

@@ -138,10 +138,13 @@ class IPAdapter(nn.Module):
         if len(cross) != cfg.num_layers or unet_cross_dim != cfg.cross_attention_dim:
             from .config import base_family
 
+            def named(family: str, layers: int, width: int) -> str:  # custom families already carry the numbers
+                return family if family.startswith("custom") else \
+                    f"{family} ({layers} cross-attention layers, context width {width})"  # fmt: skip
+
             raise ValueError(
-                f"this adapter is for {cfg.base_family} ({cfg.num_layers} cross-attention layers, context width "
-                f"{cfg.cross_attention_dim}); the UNet is {base_family(unet_cross_dim, len(cross))} "
-                f"({len(cross)} cross-attention layers, context width {unet_cross_dim})"
+                f"this adapter is for {named(cfg.base_family, cfg.num_layers, cfg.cross_attention_dim)}; the UNet is "
+                f"{named(base_family(unet_cross_dim, len(cross)), len(cross), unet_cross_dim)}"
             )
         for i, layer in enumerate(cross):
             if layer.hidden_size != cfg.layer_hidden_sizes[i] or layer.context_dim != cfg.cross_attention_dim:
