@@ -242,12 +242,12 @@ class IPAdapter(nn.Module):
         """Encoder features -> image tokens (B, T, cross_attention_dim)."""
         cfg = self.config
         if image is not None and cfg.image_embed_dim and image.shape[-1] != cfg.image_embed_dim:
-            from .config import image_encoder_name
+            from .config import encoder_source
 
             raise ValueError(
                 f"this adapter ({cfg.variant}) expects {cfg.image_embed_dim}-d {cfg.image_feature} features from "
-                f"{image_encoder_name(cfg.image_feature, cfg.image_embed_dim)}; found {image.shape[-1]}-d features "
-                f"({image_encoder_name(cfg.image_feature, image.shape[-1])})"
+                f"{encoder_source(cfg.image_feature, cfg.image_embed_dim)}; found {image.shape[-1]}-d features "
+                f"({encoder_source(cfg.image_feature, image.shape[-1])})"
             )
         if face_id is not None and cfg.id_embed_dim and face_id.shape[-1] != cfg.id_embed_dim:
             raise ValueError(f"this adapter expects {cfg.id_embed_dim}-d face embeddings, found {face_id.shape[-1]}-d")

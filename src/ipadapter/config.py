@@ -126,3 +126,9 @@ def image_encoder_name(image_feature: str, image_embed_dim: int) -> str:
     if (image_feature, image_embed_dim) in known:
         return known[(image_feature, image_embed_dim)]
     return f"custom encoder ({image_feature} features, {image_embed_dim}-d)"
+
+
+def encoder_source(image_feature: str, image_embed_dim: int) -> str:
+    """`image_encoder_name` for messages that already state the feature and width: a custom encoder unrepeated."""
+    name = image_encoder_name(image_feature, image_embed_dim)
+    return "a custom encoder" if name.startswith("custom") else name

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import AdapterConfig, image_encoder_name
+from .config import AdapterConfig, encoder_source
 
 
 def model_source(name_or_path: str | os.PathLike, subfolder: str | None, what: str) -> tuple[str, dict]:
@@ -125,8 +125,8 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
     if found != config.image_embed_dim:
         raise ValueError(
             f"image encoder mismatch: this adapter ({config.variant}) expects {config.image_embed_dim}-d "
-            f"{config.image_feature} features from {image_encoder_name(config.image_feature, config.image_embed_dim)}; "
-            f"the encoder gives {found}-d ({image_encoder_name(config.image_feature, found)})"
+            f"{config.image_feature} features from {encoder_source(config.image_feature, config.image_embed_dim)}; "
+            f"the encoder gives {found}-d ({encoder_source(config.image_feature, found)})"
         )
 
 
