@@ -208,6 +208,15 @@ def test_webdataset_training_streams(world, tmp_path):
             tar.add(tmp_path / f"{stem}.txt", arcname=f"{stem}.txt")
     final = train(_cfg(world, tmp_path / "run", data=str(tmp_path / "shard-000.tar"), max_steps=5), show_progress=False)
     assert torch.load(final / "training_state.pt", weights_only=True)["epoch"] >= 1  # 5 x 4 > 16: wrapped around
+    # one corrupt and one truncated shard among good ones: their readable records are kept, the run goes on
+    good = (tmp_path / "shard-000.tar").read_bytes()
+    (tmp_path / "shard-001.tar").write_bytes(b"\0" * 100 + b"not a tar archive" * 40)
+    (tmp_path / "shard-002.tar").write_bytes(good[: len(good) // 2])
+    (tmp_path / "shard-003.tar").write_bytes(good)
+    streamed = list(iter_webdataset(str(tmp_path / "shard-{000..003}.tar")))
+    assert 2 * len(records) < len(streamed) < 3 * len(records)  # two whole shards and part of the truncated one
+    assert [s.key for s in streamed[-len(records):]] == [Path(r.key).stem for r in records]  # the last shard, whole
+    train(_cfg(world, tmp_path / "run2", data=str(tmp_path / "shard-{000..003}.tar"), max_steps=2), show_progress=False)
 
 
 def test_embedding_cache_is_built_once_and_checked(world, tmp_path):

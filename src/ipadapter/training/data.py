@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -117,25 +120,32 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
 
 
 def iter_webdataset(data: str) -> Iterator[Record]:
-    """Streams records from WebDataset shards: members grouped by key, image from jpg/png/webp, text from txt/json."""
+    """Streams records from WebDataset shards: members grouped by key, image from jpg/png/webp, text from txt/json.
+
+    A shard that cannot be read (corrupt, or truncated part-way) is left with a warning after the records read from
+    it so far, so one bad file does not end a long streaming run; a missing shard is an error (a wrong pattern)."""
     shards = sorted(str(p) for p in Path(data).glob("*.tar")) if Path(data).is_dir() else expand_braces(data)
     for shard in shards:
         if not Path(shard).is_file():
             raise FileNotFoundError(f"WebDataset shard not found: {shard}")
         group: dict[str, bytes] = {}
         current = None
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if key != current and current is not None:
-                    if record := _record_from_group(current, group):
-                        yield record
-                    group = {}
-                current = key
-                data_bytes = tar.extractfile(member)
-                group[ext.lower()] = data_bytes.read() if data_bytes else b""
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    if key != current and current is not None:
+                        if record := _record_from_group(current, group):
+                            yield record
+                        group = {}
+                    current = key
+                    data_bytes = tar.extractfile(member)
+                    group[ext.lower()] = data_bytes.read() if data_bytes else b""
+        except (tarfile.TarError, OSError, EOFError) as error:
+            logger.warning("skipping the rest of unreadable WebDataset shard %s: %s", shard, str(error).splitlines()[0])
+            group, current = {}, None  # the group being read may be cut short
         if current is not None and (record := _record_from_group(current, group)):
             yield record
 
