@@ -68,6 +68,7 @@ class EmbeddingCache(Dataset):
             diff = {k: (index["fingerprint"].get(k), v) for k, v in expected.items() if index["fingerprint"].get(k) != v}
             raise ValueError(f"the embedding cache in {self.folder} was built for other settings (cached, wanted): {diff}")
         self.count = int(index["count"])
+        self.skipped = int(index.get("skipped", 0))  # unreadable images left out when the cache was built
         self.keys = index["keys"]
         self.uncond = {k: v.float() for k, v in load_file(str(self.folder / "uncond.safetensors")).items()}
         self._shards: dict[int, dict[str, torch.Tensor]] = {}

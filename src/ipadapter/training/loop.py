@@ -223,6 +223,7 @@ class Trainer:
                     build_cache(folder, dataset, models, self.feature, self.tokenize, expected,
                                 num_workers=cfg.num_workers, show_progress=self.show_progress)
             self.cache = EmbeddingCache(folder, expected)
+            self.skipped = self.cache.skipped  # counted once, when the cache was built (a resume restores its count)
             dataset = self.cache
         self.dataset = dataset
         if not len(dataset):
