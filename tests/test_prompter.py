@@ -75,6 +75,10 @@ def test_each_prompt_keeps_its_own_reference(folders):
         single = prompter(image=ref, prompt="a shape", latents=latents, **common).images
         assert abs(single[0] - batch[i]).max() <= 1e-5
     assert abs(batch[0] - batch[1]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"this adapter \(base\) needs a reference image"):
+        prompter(prompt="a shape", **common)
+    with pytest.raises(ValueError, match=r"face_id was given but this adapter \(base\) takes no face embeddings"):
+        prompter(image=refs[0], face_id=torch.randn(512), prompt="a shape", **common)  # would be silently ignored
 
 
 def test_step_window(folders):

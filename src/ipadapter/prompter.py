@@ -252,6 +252,9 @@ class ImagePrompter:
         if refs is None and adapter.config.image_feature != "none":
             raise ValueError(f"this adapter ({adapter.config.variant}) needs a reference image")
         faces = None
+        if p.face_id is not None and not adapter.config.id_embed_dim:
+            raise ValueError(f"face_id was given but this adapter ({adapter.config.variant}) takes no face embeddings; "
+                             "use a FaceID adapter, or leave face_id out")  # fmt: skip
         if p.face_id is not None:
             faces = p.face_id.reshape(-1, p.face_id.shape[-1])
             if faces.shape[0] not in (1, n_prompts):
