@@ -77,6 +77,8 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
          r"^error: --num-images must be >= 1, found 0$"),
         (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--steps", "0"],
          r"^error: --steps must be >= 1, found 0$"),
+        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--negative-image",
+          str(root / "ref.png"), "--negative-noise", "0.3"], r"--negative-image and --negative-noise both choose"),
         (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--scale", "nan"],
          r"--scale must be a finite number, found nan"),
         (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--width", "30"],

@@ -79,6 +79,8 @@ def test_each_prompt_keeps_its_own_reference(folders):
         prompter(prompt="a shape", **common)
     with pytest.raises(ValueError, match=r"face_id was given but this adapter \(base\) takes no face embeddings"):
         prompter(image=refs[0], face_id=torch.randn(512), prompt="a shape", **common)  # would be silently ignored
+    with pytest.raises(ValueError, match="negative_image and negative_noise both choose the unconditional image"):
+        prompter(image=refs[0], negative_image=refs[1], negative_noise=0.3, prompt="a shape", **common)
 
 
 def test_step_window(folders):

@@ -147,6 +147,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
                          "(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD1.5 ViT-H adapters)")  # fmt: skip
     if not 0 <= cfg.negative_noise <= 1:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
+    if cfg.negative_images and cfg.negative_noise > 0:
+        raise ValueError("--negative-image and --negative-noise both choose the unconditional image prompt; pass one")
 
 
 def face_embedding(cfg: GenerateConfig) -> torch.Tensor:

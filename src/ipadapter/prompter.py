@@ -243,6 +243,8 @@ class ImagePrompter:
     def _groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
         adapter = self.adapters[slot]
         check_window(p.start, p.end)
+        if p.negative_image is not None and p.negative_noise > 0:
+            raise ValueError("negative_image and negative_noise both choose the unconditional image prompt; pass one")
         if p.prep == "tiles" and p.weights is not None:
             raise ValueError("weights are per reference image, and tiles turn one image into several: pass weights "
                              "without prep='tiles', or tile the images yourself and weight the tiles")  # fmt: skip
