@@ -67,26 +67,20 @@ def test_seed_gives_the_pixels_diffusers_gives(setup, tmp_path):
 def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
     root, base, encoder = setup
     (tmp_path / "broken.png").write_bytes(b"nope")
+    ref = str(root / "ref.png")
+    ok = ["--image", ref, "--adapter", str(root / "ip-adapter.safetensors")]  # valid so far; each case adds one fault
     cases = [
         (["--image", str(tmp_path / "missing.png")], "image not found"),
         (["--image", str(tmp_path / "broken.png")], "cannot read .*broken.png as an image"),
-        (["--image", str(root / "ref.png"), "--adapter", str(tmp_path / "none.bin")], "adapter not found"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--strength", "2"],
-         r"--strength must be in \(0, 1\], found 2.0"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--num-images", "0"],
-         r"^error: --num-images must be >= 1, found 0$"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--steps", "0"],
-         r"^error: --steps must be >= 1, found 0$"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--negative-image",
-          str(root / "ref.png"), "--negative-noise", "0.3"], r"--negative-image and --negative-noise both choose"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--scale", "nan"],
-         r"--scale must be a finite number, found nan"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--width", "30"],
-         r"--width must be a positive multiple of 8 .*, found 30"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--init-image",
-          str(root / "ref.png"), "--height", "16"], r"--width / --height do not apply with --init-image"),
-        (["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"), "--out",
-          str(root / "ref.png")], r"--out .*ref.png is a file; expected a folder"),
+        (["--image", ref, "--adapter", str(tmp_path / "none.bin")], "adapter not found"),
+        ([*ok, "--strength", "2"], r"--strength must be in \(0, 1\], found 2.0"),
+        ([*ok, "--num-images", "0"], r"^error: --num-images must be >= 1, found 0$"),
+        ([*ok, "--steps", "0"], r"^error: --steps must be >= 1, found 0$"),
+        ([*ok, "--negative-image", ref, "--negative-noise", "0.3"], r"--negative-image and --negative-noise both choose"),
+        ([*ok, "--scale", "nan"], r"--scale must be a finite number, found nan"),
+        ([*ok, "--width", "30"], r"--width must be a positive multiple of 8 .*, found 30"),
+        ([*ok, "--init-image", ref, "--height", "16"], r"--width / --height do not apply with --init-image"),
+        ([*ok, "--out", ref], r"--out .*ref.png is a file; expected a folder"),
     ]
     import re
 
