@@ -188,6 +188,13 @@ def test_config_file_is_read_overridden_by_flags_and_checked(tmp_path):
         config_from_args(["--config", str(tmp_path / "none.json")])
     with pytest.raises(ValueError, match="resolution must be at least 8 pixels, found 0"):
         config_from_args(["--resolution", "0"])
+    for flag, message in (("--save-every", "save_every must be >= 1, found 0"),  # was a ZeroDivisionError mid-run
+                          ("--log-every", "log_every must be >= 1, found 0"),
+                          ("--keep-last", "keep_last must be >= 0, found -1"),
+                          ("--learning-rate", "learning_rate must be > 0, found 0.0")):  # fmt: skip
+        value = "-1" if flag == "--keep-last" else "0"
+        with pytest.raises(ValueError, match=message):
+            config_from_args([flag, value])
 
 
 def test_unreadable_images_are_skipped_and_counted(world, tmp_path):

@@ -46,7 +46,7 @@ class TrainConfig:
     # --- checkpoints and feedback ---
     output: str = "runs/adapter"  # output folder: checkpoints, logs, validation images
     save_every: int = 500  # steps between checkpoints (also saved at the end)
-    keep_last: int = 3  # checkpoints kept (older ones are deleted after a new one is safely written)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted after a new one is safely written; 0 = all)
     resume: str = ""  # "latest", a checkpoint folder, or "" (start fresh; refuses to overwrite existing checkpoints)
     validate_every: int = 0  # steps between validation runs (0 = off)
     validation_images: int = 4  # number of fixed reference images (first samples of the data) to validate on
@@ -64,6 +64,15 @@ class TrainConfig:
             raise ValueError("batch_size, max_steps and gradient_accumulation must be >= 1")
         if self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, found {self.resolution}")
+        for name in ("save_every", "log_every", "validation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, found {getattr(self, name)}")
+        for name in ("validate_every", "keep_last", "num_workers", "warmup_steps", "validation_images", "max_samples",
+                     "max_grad_norm", "noise_offset", "weight_decay"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
