@@ -235,6 +235,11 @@ def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
     final = train(_cfg(world, tmp_path / "a", cache_embeddings=True, cache_dir=str(cache), max_steps=2), show_progress=False)
     index = json.loads((cache / "index.json").read_text())
     assert index["count"] == 16 and len(list(cache.glob("shard-*.safetensors"))) == 1
+    if os.name == "posix":  # readable as the umask allows (safetensors alone writes 0600), like the checkpoint
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (*cache.iterdir(), final / "adapter.safetensors"):
+            assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written.name
     built = (cache / "index.json").stat().st_mtime
     train(_cfg(world, tmp_path / "b", cache_embeddings=True, cache_dir=str(cache), max_steps=2), show_progress=False)
     assert (cache / "index.json").stat().st_mtime == built  # reused, not rebuilt

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import AdapterConfig, ResamplerConfig, base_family
+from .files import atomic_write, save_safetensors
 from .variants import match_variant
 
 FORMAT_KEY = "format"
@@ -385,32 +385,24 @@ def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter") ->
         if path.suffix != ".safetensors":
             raise ValueError(f"the ipadapter layout is safetensors; expected a .safetensors path, found {path.name}")
         metadata = {FORMAT_KEY: FORMAT_NAME, CONFIG_KEY: adapter.config.to_json(), "format_version": FORMAT_VERSION}
-        _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+        save_safetensors(state, path, metadata)
     elif layout == "official":
         if adapter.config.attention != "decoupled":
             raise ValueError(f"the official layout holds decoupled adapters only; this one is {adapter.config.attention} "
                              "(the paper's ablation): save it with layout='ipadapter'")  # fmt: skip
         official = internal_to_official(state)
         if path.suffix == ".safetensors":
-            _atomic(path, lambda tmp: save_file(official, str(tmp)))
+            save_safetensors(official, path)
         elif path.suffix in (".bin", ".pt", ".pth"):
             nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
             for key, value in official.items():
                 section, name = key.split(".", 1)
                 nested[section][name] = value
-            _atomic(path, lambda tmp: torch.save(nested, str(tmp)))
+            atomic_write(path, lambda tmp: torch.save(nested, str(tmp)))
         else:
             raise ValueError(f"official checkpoints are .bin or .safetensors; found {path.name}")
     else:
         raise ValueError(f"layout must be 'ipadapter' or 'official', found {layout!r}")
-
-
-def _atomic(path: Path, write) -> None:
-    """Writes through a temporary file in the same folder, then renames: a crash never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -14,25 +14,20 @@ import torch
 
 from .checkpoint import read_tensors
 from .config import AdapterConfig, image_encoder_name
+from .files import save_safetensors
 
 FORMAT = "ipadapter-embeds/1"
 
 
 def save_embeds(path: str | os.PathLike, features: torch.Tensor, feature: str, encoder: str = "") -> None:
     """Writes features (K, D) or (K, N, D) of K references; `encoder` names the image encoder (folder or hub id)."""
-    from safetensors.torch import save_file
-
     if feature not in ("pooled", "penultimate"):
         raise ValueError(f"feature must be 'pooled' or 'penultimate', found {feature!r}")
     expected_ndim = 2 if feature == "pooled" else 3
     if features.ndim != expected_ndim:
         raise ValueError(f"{feature} features must have {expected_ndim} axes, found shape {tuple(features.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "feature": feature, "encoder": encoder, "width": str(features.shape[-1])}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"features": features.detach().to("cpu").contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors({"features": features.detach().to("cpu").contiguous()}, path, meta)
 
 
 def load_embeds(path: str | os.PathLike, config: AdapterConfig | None = None) -> tuple[torch.Tensor, dict[str, str]]:

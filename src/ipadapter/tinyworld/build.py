@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ipadapter.files import atomic_write, fix_modes, save_safetensors, write_text
 from ipadapter.tinyworld import stack as stack_lib
 from ipadapter.tinyworld.stack import StackConfig
 from ipadapter.tinyworld.world import ATTRIBUTES, Scene, caption, make_dataset, sample_scene
@@ -541,17 +542,12 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then os.replace: a kill never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: `--jobs` stages may write the same data
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, whole or not at all (`files.atomic_write`: `--jobs` stages may write the same data)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_write_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 @dataclass
@@ -1160,6 +1156,7 @@ def stage_assemble(ctx: Context) -> dict[str, Any]:
         declare_float32(target / sub / "config.json")
     prefix_text_encoder_keys(target / "text_encoder" / "model.safetensors")
     (target / "tinyworld_stack.json").write_text(json.dumps(ctx.config.stack.to_dict(), indent=2))
+    fix_modes(target)  # save_pretrained's safetensors files are private (0600) otherwise
     weights = sorted(target.rglob("*.safetensors"))
     check: dict[str, Any] = {
         "folder": str(target.relative_to(ctx.out)),
@@ -1192,13 +1189,13 @@ def prefix_text_encoder_keys(path: Path) -> None:
     (it would leave the model randomly initialised); transformers 5 loads both layouts.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     tensors = load_file(str(path))
     renamed = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}
-    save_file(renamed, str(path), metadata={**metadata, "format": "pt"})
+    save_safetensors(renamed, path, {**metadata, "format": "pt"})
 
 
 @torch.no_grad()
@@ -1550,6 +1547,7 @@ def ship(ctx: Context, assets: Path) -> None:
     save_image_text_encoder(ctx.out, assets / "image_text_encoder")
     checks = {stage: json.loads((ctx.stage_dir(stage) / "done.json").read_text()) for stage in STAGES}
     _atomic_write_json(checks, assets / "build_checks.json")
+    fix_modes(assets)
     logger.info("shipped into %s", assets)
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..files import fix_modes
 from .world import ATTRIBUTES, Scene, caption, render, sample_scene
 
 logger = logging.getLogger("ipadapter.tinyworld.derived")
@@ -167,6 +168,7 @@ def finetune(base: str, out: str | Path, restrict: dict[str, str], steps: int = 
     info = {"base": resolve_base(base), "restrict": restrict, "steps": steps, "batch_size": batch_size, "lr": lr,
             "num_scenes": num_scenes, "seed": seed, "seconds": seconds, "final_loss": loss}  # fmt: skip
     (out / "finetune.json").write_text(json.dumps(info, indent=2))
+    fix_modes(out)
     return out
 
 
@@ -201,6 +203,7 @@ def controlnet(base: str, out: str | Path, steps: int = 3000, batch_size: int = 
     info = {"base": base, "condition": "silhouette", "steps": steps, "batch_size": batch_size, "lr": lr,
             "num_scenes": num_scenes, "seed": seed, "seconds": seconds, "final_loss": loss}  # fmt: skip
     (out / "controlnet_training.json").write_text(json.dumps(info, indent=2))
+    fix_modes(out)
     return out
 
 

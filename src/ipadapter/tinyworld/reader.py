@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ipadapter.files import save_safetensors
 from ipadapter.tinyworld.world import ATTRIBUTES, Scene, make_dataset
 
 DEFAULT_ASSET = "reader.safetensors"  # file name of the shipped weights in ipadapter/tinyworld/assets
@@ -160,8 +161,7 @@ def save_reader(reader: AttributeReader, path: str | Path) -> None:
         k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous().cpu()
         for k, v in reader.state_dict().items()
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"config": reader.config.to_json(), "format": "ipadapter-tinyworld-reader"})
+    save_safetensors(state, path, {"config": reader.config.to_json(), "format": "ipadapter-tinyworld-reader"})
 
 
 def load_reader(path: str | Path | None = None) -> AttributeReader:

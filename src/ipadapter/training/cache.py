@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..files import save_safetensors, write_text
 from .data import collate
 from .models import FrozenModels, encode_text
 
@@ -99,8 +100,8 @@ def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feat
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "index.json").is_file():
         return EmbeddingCache(folder, expected)
-    save_file({k: v.half().contiguous().cpu() for k, v in unconditional(models, feature, tokenize).items()},
-              str(folder / "uncond.safetensors"))
+    save_safetensors({k: v.half().contiguous().cpu() for k, v in unconditional(models, feature, tokenize).items()},
+                     folder / "uncond.safetensors")
     keys: list[str] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     buffer: dict[str, list[torch.Tensor]] = {}
@@ -111,9 +112,7 @@ def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feat
         if not buffer:
             return
         tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
-        path = folder / f"shard-{shard:05d}.safetensors"
-        save_file(tensors, str(path.with_suffix(".tmp")))
-        path.with_suffix(".tmp").replace(path)
+        save_safetensors(tensors, folder / f"shard-{shard:05d}.safetensors")
         shard, buffer = shard + 1, {}
 
     for batch in tqdm(loader, desc="caching embeddings", disable=not show_progress):
@@ -135,5 +134,5 @@ def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feat
             buffer = {k: [v] for k, v in rest.items() if len(v)}
     flush()
     index = {"fingerprint": expected, "count": count, "skipped": skipped, "keys": keys}
-    (folder / "index.json").write_text(json.dumps(index))
+    write_text(folder / "index.json", json.dumps(index))  # last, whole or not at all: it marks the cache complete
     return EmbeddingCache(folder, expected)
