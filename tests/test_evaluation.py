@@ -82,6 +82,30 @@ def test_eval_tinyworld_prints_cp_pf_rows(tmp_path, capsys):
     assert table.count("| image | ") == 2 and table.count("| image+text | ") == 2 and "preset style" in table
 
 
+def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("ipadapter.evaluation.clip_score.ClipScorer.from_pretrained", no_models)
+    monkeypatch.setattr("ipadapter.sources.load_pipeline", no_models)
+    monkeypatch.setattr("ipadapter.tinyworld.evaluate.load_tinyworld", no_models)
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["clip", "--limit", "-1"], "limit must be >= 0, found -1"),  # was read as "all but the last pair"
+        (["clip", "--scale", "nan"], "scale must be a finite number, found nan"),
+        (["clip", "--preset", "nosuch"], "unknown preset 'nosuch'; expected one of"),
+        (["clip", "--adapter", str(tmp_path / "missing.safetensors")], "adapter not found"),
+        (["clip", "--out", str(tmp_path / "file")], "is a file; expected a folder"),
+        (["tinyworld", "--adapter", str(tmp_path / "missing.safetensors")], "adapter not found"),
+        (["tinyworld", "--preset", "nosuch"], "unknown --preset 'nosuch'"),
+        (["tinyworld", "--scale", "0.5", "nan"], "--scale must be finite numbers, found 0.5 nan"),
+        (["tinyworld", "--out", str(tmp_path)], "is a folder; expected a file"),  # was an error after the whole run
+    ]
+    for args, message in cases:
+        assert main(["eval", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+
+
 class _FakeEmbedder:
     """Embeds an image as its mean colour (a 'face' when not all black)."""
 

@@ -69,9 +69,23 @@ def cmd_eval_clip(args: argparse.Namespace) -> int:
 def cmd_eval_tinyworld(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import math
+
+    from .blocks import PRECISE, PRESETS
+    from .sources import resolve_adapter
     from .tinyworld.evaluate import EvalSettings, evaluate, load_tinyworld, markdown_table
 
     settings = EvalSettings(n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
+    # everything is checked before the models load
+    if not Path(resolve_adapter(args.adapter)).is_file():
+        raise FileNotFoundError(f"adapter not found: {args.adapter} (expected tinyworld-base, tinyworld-plus or a file)")
+    for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance])):
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{flag} must be finite numbers, found {' '.join(map(str, values))}")
+    if args.preset and args.preset not in (*PRESETS, *PRECISE):
+        raise ValueError(f"unknown --preset {args.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; expected a file for the Markdown table")
     pipe, prompter, reader = load_tinyworld(args.adapter)
     results = []
     for protocol in args.protocol:

@@ -13,6 +13,7 @@ already there. The main process then writes OUT/summary.json and OUT/summary.md 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +43,32 @@ class ClipEvalConfig:
     save_images: bool = False  # also write the generated images under OUT/images/
     out: str = "eval-clip"  # output folder
     device: str = "cpu"  # where to run
+
+    def __post_init__(self) -> None:
+        """Values are checked here, before any model is loaded; files in `check_files`."""
+        from ..blocks import PRECISE, PRESETS
+
+        for name, low in (("images_per_pair", 1), ("limit", 0), ("steps", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}, found {value}" + (" (0: all pairs)" if low == 0 else ""))
+        for name in ("scale", "guidance"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, found {value}")
+        if self.preset and self.preset not in (*PRESETS, *PRECISE):
+            raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
+
+    def check_files(self) -> None:
+        """The adapter, base and output folder, before any model work (errors name what was expected and found)."""
+        from ..sources import check_base, resolve_adapter
+
+        adapter = resolve_adapter(self.adapter)
+        if not Path(adapter).is_file():
+            raise FileNotFoundError(f"adapter not found: {adapter}")
+        check_base(self.base)
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a file; expected a folder (it receives results and the summary)")
 
 
 def _valid(line: str) -> bool:
@@ -123,14 +150,11 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     from ..training.data import open_image, read_records
     from .clip_score import ClipScorer, clipscore
 
-    if cfg.images_per_pair < 1:
-        raise ValueError(f"images_per_pair must be >= 1, found {cfg.images_per_pair}")
+    cfg.check_files()
     records = read_records(cfg.data, cfg.image_root)
     if cfg.limit:
         records = records[: cfg.limit]
     adapter_path = resolve_adapter(cfg.adapter)
-    if not Path(adapter_path).is_file():
-        raise FileNotFoundError(f"adapter not found: {adapter_path}")
     scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
     state = _process_state(cfg.device)
     out = Path(cfg.out)
