@@ -140,8 +140,8 @@ def main() -> None:
     print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
           f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
     print(f"{'loop':<44}{'samples/s':>10}")
-    print(f"{'official-style (encoders every step, no cache)':<44}{baseline:>10.1f}")
-    print(f"{'ipadapter train --cache-embeddings':<44}{cached:>10.1f}")
+    print(f"{'official-style (encoders every step, no cache)':<44}{baseline:>10.2f}")
+    print(f"{'ipadapter train --cache-embeddings':<44}{cached:>10.2f}")
     print(f"ratio (ours / official-style): {cached / baseline:.2f}x   (one-time cache build: {cache_seconds:.1f} s)")
 
 
