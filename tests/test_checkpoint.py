@@ -175,6 +175,17 @@ def test_plus_adapter_given_pooled_embeddings_says_what_it_needs():
         adapter.project(image=torch.zeros(1, 257, 1024, dtype=torch.float16))
 
 
+def test_a_half_precision_adapter_takes_float32_features_and_faces():
+    """Encoder features or ArcFace embeddings in float32 (numpy, insightface) given to a float16 / bfloat16 adapter."""
+    tensors = {k: 0.02 * v for k, v in reference_tensors("ip-adapter-faceid-plusv2_sd15", device="cpu").items()}
+    adapter = adapter_from_tensors(tensors, {}, "v2.bin")  # weights at a trained scale: float16 does not overflow
+    image, face = torch.randn(1, 257, 1280), torch.randn(1, 512)
+    expected = adapter.float().project(image=image, face_id=face)
+    for dtype in (torch.float16, torch.bfloat16):
+        tokens = adapter.to(dtype).project(image=image, face_id=face)
+        assert tokens.dtype == dtype and torch.allclose(tokens.float(), expected, atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_truncated_file_is_a_clear_error(tmp_path, suffix):
     adapter = IPAdapter.for_unet(tiny_unet("sd15"), "base", image_embed_dim=40)

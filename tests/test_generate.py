@@ -64,6 +64,41 @@ def test_seed_gives_the_pixels_diffusers_gives(setup, tmp_path):
     assert read_parameters(tmp_path / "sized" / "000005-000.png")["width"] == 24
 
 
+def test_half_precision_gives_the_pixels_diffusers_gives_in_half_precision(setup, tmp_path, monkeypatch):
+    """`--dtype float16` (what GPU users run) against diffusers' pipeline loaded with torch_dtype=float16."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from ipadapter.prompter import ImagePrompter
+
+    root, base, encoder = setup
+    used = {}
+    call = ImagePrompter.__call__
+
+    def spy(self, *args, **kwargs):
+        used.update(unet=self.pipe.unet.dtype, encoder=self.encoder.dtype,
+                    adapter={p.dtype for p in self.adapter.parameters()})  # fmt: skip
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImagePrompter, "__call__", spy)
+    assert main(["generate", "--image", str(root / "ref.png"), "--prompt", "a red shape", "--scale", "0.7", "--steps",
+                 "3", "--seed", "5", "--base", base, "--adapter", str(root / "ip-adapter.safetensors"),
+                 "--image-encoder", encoder, "--dtype", "float16", "--out", str(tmp_path)]) == 0  # fmt: skip
+    ours = np.asarray(Image.open(tmp_path / "000005-000.png")).astype(int)
+    assert read_parameters(tmp_path / "000005-000.png")["dtype"] == "float16"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, torch_dtype=torch.float16,
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder, torch_dtype=torch.float16),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+    )  # fmt: skip
+    pipe.load_ip_adapter(str(root), subfolder="", weight_name="ip-adapter.safetensors", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    kwargs = dict(prompt="a red shape", ip_adapter_image=Image.open(root / "ref.png"), num_inference_steps=3)
+    theirs = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 1
+    assert used == {"unet": torch.float16, "encoder": torch.float16, "adapter": {torch.float16}}
+
+
 def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
     root, base, encoder = setup
     (tmp_path / "broken.png").write_bytes(b"nope")
@@ -81,6 +116,7 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--width", "30"], r"--width must be a positive multiple of 8 .*, found 30"),
         ([*ok, "--init-image", ref, "--height", "16"], r"--width / --height do not apply with --init-image"),
         ([*ok, "--out", ref], r"--out .*ref.png is a file; expected a folder"),
+        ([*ok, "--dtype", "int8"], r"unknown dtype 'int8'; expected one of float32, float16, bfloat16"),
     ]
     import re
 

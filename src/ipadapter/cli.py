@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet-scale", type=float, help="controlnet_conditioning_scale (default: 1.0)")
     p.add_argument("--out", help="output folder (default: outputs)")
     p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--dtype", help="weights dtype: float32 (default), float16 (GPUs), bfloat16")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="write a labelled PNG grid from the embedded tiny world (offline, CPU, seconds)")
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-images", action="store_true", default=None, help="also write the generated images")
     e.add_argument("--out", help="output folder: results.rank*.jsonl, summary.json, summary.md (default: eval-clip)")
     e.add_argument("--device", help="torch device (default: cpu)")
+    e.add_argument("--dtype", help="weights dtype of the generating models: float32 (default), float16, bfloat16; "
+                   "the scoring CLIP stays float32")
     e.set_defaults(func=cmd_eval_clip)
     e = esub.add_parser("tinyworld", help="concept preservation (CP), prompt following (PF) and CP x PF")
     e.add_argument("--adapter", default="tinyworld-base", help="tinyworld-base, tinyworld-plus or an adapter file")

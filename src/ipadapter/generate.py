@@ -65,6 +65,7 @@ class GenerateConfig:
     controlnet_scale: float = 1.0  # controlnet_conditioning_scale
     out: str = "outputs"  # output folder
     device: str = "cpu"  # where to run
+    dtype: str = "float32"  # weights of the pipeline, ControlNet, adapter and image encoder (float16 / bfloat16)
     show_progress: bool = True  # denoising progress bar
 
 
@@ -108,8 +109,9 @@ def check_inputs(cfg: GenerateConfig) -> None:
     for flag, value in numbers.items():
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, found {value}")
-    from .sources import check_base
+    from .sources import check_base, parse_dtype
 
+    parse_dtype(cfg.dtype)
     check_base(cfg.base)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
@@ -191,9 +193,10 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     from .encoders import ImageEncoder
     from .embeds import load_embeds, save_embeds
     from .prompter import ImagePrompt, ImagePrompter
-    from .sources import load_pipeline, resolve_adapter, resolve_image_encoder
+    from .sources import load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
 
     check_inputs(cfg)
+    dtype = parse_dtype(cfg.dtype)
     for folder in (Path(cfg.out), Path(cfg.save_embeds).parent if cfg.save_embeds else None):
         if folder is not None:
             try:  # before any model work, so that a bad path costs nothing
@@ -207,22 +210,22 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if cfg.controlnet:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet, torch_dtype=torch.float32)
-    pipe = load_pipeline(cfg.base, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config)
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet, torch_dtype=dtype)
+    pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
     steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"].default
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"].default
-    adapter = IPAdapter.from_file(resolve_adapter(cfg.adapter), dtype=torch.float32, unet=pipe.unet)
+    adapter = IPAdapter.from_file(resolve_adapter(cfg.adapter), dtype=dtype, unet=pipe.unet)
     encoder = None
     if adapter.config.image_feature != "none" and not cfg.embeds:
         path = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not path:
             raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
-        encoder = ImageEncoder.from_pretrained(path, device=cfg.device)
+        encoder = ImageEncoder.from_pretrained(path, dtype=dtype, device=cfg.device)
     elif adapter.config.image_feature != "none":
         path = resolve_image_encoder(cfg.base, cfg.image_encoder)  # for the unconditional features, when present
-        encoder = ImageEncoder.from_pretrained(path, device=cfg.device) if path else None
+        encoder = ImageEncoder.from_pretrained(path, dtype=dtype, device=cfg.device) if path else None
     prompter = ImagePrompter(pipe, adapter, encoder)  # checks the encoder against the adapter
     if cfg.embeds:
         references = list(load_embeds(cfg.embeds, adapter.config)[0])

@@ -70,6 +70,19 @@ def check_base(base: str) -> None:
                                  f"tensors (the original layout), found {len(keys)} tensors such as {sorted(keys)[:3]}")  # fmt: skip
 
 
+# what `--dtype` accepts: the weights' dtype of the models that generate (scoring models stay float32)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"float16" -> torch.float16 (also "fp16", "bf16", "fp32"); a ValueError names the choices."""
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    found = DTYPES.get(aliases.get(name, name))
+    if found is None:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return found
+
+
 def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   kind: str = "text2image", controlnet=None, config: str = "", **kwargs):
     """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.

@@ -43,6 +43,7 @@ class ClipEvalConfig:
     save_images: bool = False  # also write the generated images under OUT/images/
     out: str = "eval-clip"  # output folder
     device: str = "cpu"  # where to run
+    dtype: str = "float32"  # weights of the generating models (float16 / bfloat16); the scoring CLIP stays float32
 
     def __post_init__(self) -> None:
         """Values are checked here, before any model is loaded; files in `check_files`."""
@@ -56,6 +57,9 @@ class ClipEvalConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, found {value}")
+        from ..sources import parse_dtype
+
+        parse_dtype(self.dtype)
         if self.preset and self.preset not in (*PRESETS, *PRECISE):
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
 
@@ -146,7 +150,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     from ..adapter import IPAdapter
     from ..encoders import ImageEncoder
     from ..prompter import ImagePrompter
-    from ..sources import load_pipeline, resolve_adapter, resolve_image_encoder
+    from ..sources import load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
     from ..training.data import open_image, read_records
     from .clip_score import ClipScorer, clipscore
 
@@ -162,13 +166,14 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     done = _done(out)
     mine = [i for i in range(len(records)) if i % state.num_processes == state.process_index and i not in done]
     if mine:
-        pipe = load_pipeline(cfg.base, device=cfg.device)
+        dtype = parse_dtype(cfg.dtype)
+        pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device)
         pipe.set_progress_bar_config(disable=True)
-        adapter = IPAdapter.from_file(adapter_path, dtype=torch.float32, unet=pipe.unet)
+        adapter = IPAdapter.from_file(adapter_path, dtype=dtype, unet=pipe.unet)
         encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not encoder_path:
             raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
-        prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, device=cfg.device))
+        prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, dtype=dtype, device=cfg.device))
         kwargs = {}
         if cfg.steps is not None:
             kwargs["num_inference_steps"] = cfg.steps
