@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,35 @@ save_checkpoint({str(tmp_path / 'run')!r}, 3, adapter, {{"step": 3}}, "{{}}", ke
     load_adapter(first / "adapter.safetensors")  # intact and loadable
     final = train(_cfg(world, tmp_path / "run", max_steps=3, resume="latest"), show_progress=False)
     assert final.name == "checkpoint-3" and list_checkpoints(tmp_path / "run")[-1] == final
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_with_a_checkpoint_that_resumes(world, tmp_path, signum):
+    """A cluster's preemption (SIGTERM) or Ctrl-C loses no step: the run saves the step it was in, exits 128 + the
+    signal number with the way to continue, and `--resume latest` goes on from there. The signal goes to the whole
+    process group, as a terminal's Ctrl-C and `scancel` do: the DataLoader worker must not die before the save."""
+    output = tmp_path / "run"
+    args = ["--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
+            "--batch-size", "4", "--max-steps", "1000000", "--save-every", "1000000", "--num-workers", "1",
+            "--output", str(output)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ipadapter.train", *args], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a job's
+    for _ in range(600):  # the run has started once its config is written; then let it take some steps
+        if (output / "train_config.json").exists():
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    time.sleep(3)
+    os.killpg(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    [saved] = list_checkpoints(output)
+    step = int(saved.name.split("-")[1])
+    assert 0 < step < 1000000 and load_training_state(saved)["step"] == step
+    assert f"interrupted by {signal.Signals(signum).name} at step {step}" in err and "--resume latest" in err
+    load_adapter(saved / "adapter.safetensors")
+    final = train(_cfg(world, output, max_steps=step + 1, resume="latest"), show_progress=False)
+    assert final.name == f"checkpoint-{step + 1}"
 
 
 def test_every_data_format_gives_the_same_records(world, tmp_path):
@@ -275,6 +305,35 @@ def test_two_processes_train_one_checkpoint(world, tmp_path):
     load_adapter(checkpoints[0] / "adapter.safetensors")
     state = load_training_state(checkpoints[0])
     assert state["processes"] == 2  # really two processes (gloo), not one
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(world, tmp_path):
+    """Preemption may reach one worker first: the processes agree at the next log step and save that step together,
+    instead of one leaving while the other waits for it forever."""
+    output = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "ipadapter.train", "--base", world["base"], "--image-encoder", world["encoder"], "--data",
+           world["data"], "--resolution", "16", "--batch-size", "2", "--max-steps", "1000000", "--save-every",
+           "1000000", "--log-every", "2", "--output", str(output)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    for _ in range(1200):
+        if (output / "train_config.json").exists():
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    time.sleep(3)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[-1]), signal.SIGTERM)  # one worker only
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0  # the launcher reports its workers' exit
+    [saved] = list_checkpoints(output)
+    state = load_training_state(saved)
+    assert state["processes"] == 2 and state["step"] % 2 == 0  # saved at a log step, by both processes' agreement
+    assert f"interrupted by SIGTERM at step {state['step']}" in err
+    load_adapter(saved / "adapter.safetensors")
 
 
 @pytest.mark.parametrize("variant", ["full", "faceid"])

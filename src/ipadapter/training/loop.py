@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +30,24 @@ from .checkpointing import check_resumable, list_checkpoints, load_training_stat
 from .config import TrainConfig, field_help
 from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, read_records
 from .models import encode_text, load_frozen_models, tokenize_fn
+
+
+class TrainingInterrupted(Exception):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM (e.g. a cluster's preemption) and saved a checkpoint first."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}; saved {checkpoint}; run the same command with "
+                         "--resume latest to continue exactly where it stopped")  # fmt: skip
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which stops after its step and then shuts them
+    down (a signal sent to the whole process group would otherwise kill them first, and PyTorch would raise "worker
+    killed" in the middle of that step). A worker whose main process dies exits by itself (PyTorch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class AdapterTrainingModule(nn.Module):
@@ -240,6 +260,7 @@ class Trainer:
                                       self.models.image_encoder.processor if self.models.image_encoder else None,
                                       self.tokenize, skip=self.position)
                 loader = DataLoader(ds, batch_size=cfg.batch_size * world, num_workers=cfg.num_workers,
+                                    worker_init_fn=ignore_stop_signals,
                                     collate_fn=lambda items: items)
                 any_batch = False
                 for items in loader:
@@ -255,7 +276,8 @@ class Trainer:
         while True:
             sampler = list(epoch_batches(n, cfg.seed, self.epoch, self.position, cfg.batch_size, world, rank))
             collate_fn = collate_cached if self.cache is not None else collate
-            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn)
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn,
+                                worker_init_fn=ignore_stop_signals)  # fmt: skip
             for batch in loader:
                 self.position += cfg.batch_size * world
                 yield batch
@@ -362,10 +384,56 @@ class Trainer:
         return path
 
     def run(self) -> Path:
-        """Trains to `max_steps`; returns the final checkpoint folder."""
+        """Trains to `max_steps`; returns the final checkpoint folder.
+
+        Once the loop runs, SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, `scancel`, a launcher stopping its
+        workers) stops it at the end of a step with a checkpoint, then raises `TrainingInterrupted`; a second Ctrl-C
+        stops at once. Before (loading models, building the cache) they act as usual: there is nothing to save yet.
+        """
+        self.setup()
+        previous = self._catch_signals()
+        try:
+            return self._loop()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    # ---- interruption -------------------------------------------------------------------------------------------
+    def _catch_signals(self) -> dict:
+        """Installs the stop-after-this-step handlers (main thread only: Python delivers signals there)."""
+        self.stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, frame) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            self.stop_signal = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)  # fmt: skip
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _stop_requested(self, at_log: bool) -> bool:
+        """Whether to stop now. One process decides alone; several agree at log steps (a collective there, not at
+        every step), so that all save the same step together even when only one was signalled."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self.stop_signal is not None
+        if not at_log:
+            return False
+        mine = torch.tensor([0 if self.stop_signal is None else int(self.stop_signal)], device=acc.device)
+        signals = acc.gather(mine)
+        if self.stop_signal is None and bool(signals.any()):
+            self.stop_signal = int(signals[signals > 0][0])  # signalled elsewhere
+        return self.stop_signal is not None
+
+    def _loop(self) -> Path:
         from tqdm.auto import tqdm
 
-        self.setup()
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
@@ -404,6 +472,9 @@ class Trainer:
             bar.update(1)
             if self.step - first_step == 2:
                 warm = (time.perf_counter(), seen)
+            if self.step < cfg.max_steps and self._stop_requested(at_log=self.step % cfg.log_every == 0):
+                final = self.save(losses)
+                raise TrainingInterrupted(self.stop_signal, self.step, final)  # type: ignore[arg-type]
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.check_finite(losses)
                 mean_loss = acc.gather(torch.stack([v for _, v in losses]).mean()[None]).mean().item()
@@ -500,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum  # the shell's convention for a process ended by a signal
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:  # one line, from the process that wrote the checkpoint
