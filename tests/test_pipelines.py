@@ -134,3 +134,20 @@ def test_same_pixels_as_diffusers_on_sdxl(tmp_path):
     found = prompter(image=reference, scale=0.8, generator=torch.Generator("cpu").manual_seed(2), **common).images
     prompter.detach()
     assert abs(expected - found).max() <= 1e-5
+
+
+def test_loading_asks_diffusers_and_transformers_for_the_dtype_without_deprecated_keywords(sd):
+    """diffusers (since mid-2026) and transformers deprecate `torch_dtype`: our loaders must not make every run print
+    their FutureWarning, in float32 or half precision."""
+    import warnings
+
+    from ipadapter.sources import load_pipeline
+    from ipadapter.training.models import load_frozen_models
+
+    base = sd[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(str(base), dtype=torch.bfloat16)
+        load_frozen_models(str(base), "", False, torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert not [w for w in caught if "torch_dtype" in str(w.message)], [str(w.message) for w in caught]

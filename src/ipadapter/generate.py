@@ -193,7 +193,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     from .encoders import ImageEncoder
     from .embeds import load_embeds, save_embeds
     from .prompter import ImagePrompt, ImagePrompter
-    from .sources import load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
+    from .sources import diffusers_dtype, load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
 
     check_inputs(cfg)
     dtype = parse_dtype(cfg.dtype)
@@ -210,7 +210,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if cfg.controlnet:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_pretrained(cfg.controlnet, torch_dtype=dtype)
+        controlnet = ControlNetModel.from_pretrained(cfg.controlnet, **diffusers_dtype(dtype))
     pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config)
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use

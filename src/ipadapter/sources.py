@@ -83,6 +83,16 @@ def parse_dtype(name: str) -> torch.dtype:
     return found
 
 
+def diffusers_dtype(dtype: torch.dtype) -> dict:
+    """The dtype keyword for diffusers' `from_pretrained` / `from_single_file`: `dtype` where diffusers takes it (it
+    deprecates `torch_dtype` since mid-2026 and warns on every load), `torch_dtype` in older releases."""
+    import diffusers
+    from diffusers.utils import deprecation_utils
+
+    major = int(diffusers.__version__.split(".")[0])
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") or major >= 1 else "torch_dtype": dtype}
+
+
 def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   kind: str = "text2image", controlnet=None, config: str = "", **kwargs):
     """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.
@@ -113,7 +123,7 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
         single = StableDiffusionXLPipeline if "xl" in p.name.lower() else StableDiffusionPipeline
         extra_single = {"config": config} if config else {}
         try:
-            pipe = single.from_single_file(str(p), torch_dtype=dtype, **extra_single, **kwargs)
+            pipe = single.from_single_file(str(p), **diffusers_dtype(dtype), **extra_single, **kwargs)
         except (OSError, ValueError) as error:
             if config:
                 raise
@@ -124,5 +134,5 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
             ) from error
         pipe = classes[kind].from_pipe(pipe, **extra)
     else:
-        pipe = classes[kind].from_pretrained(path, torch_dtype=dtype, **extra, **kwargs)
+        pipe = classes[kind].from_pretrained(path, **diffusers_dtype(dtype), **extra, **kwargs)
     return pipe.to(device)

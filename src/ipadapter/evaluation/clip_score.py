@@ -49,7 +49,7 @@ class ClipScorer:
             raise FileNotFoundError(f"{local / (sub or '')} is not a CLIP model folder: config.json missing")
         kwargs = {"subfolder": sub} if sub else {}
         try:
-            model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
+            model = CLIPModel.from_pretrained(path, dtype=torch.float32, **kwargs)
             processor = CLIPProcessor.from_pretrained(path, **kwargs)
         except OSError as e:
             raise FileNotFoundError(f"cannot load a CLIP model (both towers) from {name!r}: {e}") from e

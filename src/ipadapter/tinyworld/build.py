@@ -1301,13 +1301,14 @@ def adapter_check(ctx: Context, base: Path, adapter_path: Path) -> dict[str, Any
     from ipadapter.checkpoint import load_adapter
     from ipadapter.encoders import ImageEncoder
     from ipadapter.prompter import ImagePrompter
+    from ipadapter.sources import diffusers_dtype
     from ipadapter.tinyworld.metrics import score_batch
 
     cfg = ctx.config.adapters
     reader, why = _reader()
     if reader is None:
         return {"skipped": why}
-    pipe = StableDiffusionPipeline.from_pretrained(str(base), torch_dtype=torch.float32).to(ctx.device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(base), **diffusers_dtype(torch.float32)).to(ctx.device)
     pipe.set_progress_bar_config(disable=True)
     encoder = ImageEncoder.from_pretrained(base / "image_encoder", device=ctx.device)
     adapter = load_adapter(adapter_path, dtype=torch.float32, image_encoder=encoder)

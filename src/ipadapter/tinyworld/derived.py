@@ -113,9 +113,9 @@ def _train(model, loss_fn, steps: int, lr: float, log_every: int = 100, ema_deca
 def _load_parts(base: str):
     from diffusers import StableDiffusionPipeline
 
-    from ..sources import resolve_base
+    from ..sources import diffusers_dtype, resolve_base
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_base(base), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_base(base), **diffusers_dtype(torch.float32))
     pipe.text_encoder.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     return pipe

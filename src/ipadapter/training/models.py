@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..encoders import ImageEncoder
-from ..sources import resolve_base, resolve_image_encoder
+from ..sources import diffusers_dtype, resolve_base, resolve_image_encoder
 
 
 
@@ -41,8 +41,8 @@ def load_frozen_models(base: str, image_encoder: str, needs_encoder: bool, dtype
     path = resolve_base(base)
     if Path(path).exists() and not (Path(path) / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers model folder: expected unet/config.json inside it")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(torch.float32))
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
     text_encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
