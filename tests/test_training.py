@@ -166,6 +166,11 @@ def test_sigterm_or_ctrl_c_stops_with_a_checkpoint_that_resumes(world, tmp_path,
     assert 0 < step < 1000000 and load_training_state(saved)["step"] == step
     assert f"interrupted by {signal.Signals(signum).name} at step {step}" in err and "--resume latest" in err
     load_adapter(saved / "adapter.safetensors")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    logged = [e.step for path in output.rglob("events.out.tfevents.*") for e in EventFileLoader(str(path)).Load()
+              if any(v.tag == "loss" for v in e.summary.value)]  # fmt: skip
+    assert max(logged) >= step - 10  # TensorBoard holds the losses up to the interruption (--log-every 10)
     final = train(_cfg(world, output, max_steps=step + 1, resume="latest"), show_progress=False)
     assert final.name == f"checkpoint-{step + 1}"
 

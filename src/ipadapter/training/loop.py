@@ -473,7 +473,11 @@ class Trainer:
             if self.step - first_step == 2:
                 warm = (time.perf_counter(), seen)
             if self.step < cfg.max_steps and self._stop_requested(at_log=self.step % cfg.log_every == 0):
-                final = self.save(losses)
+                final = self.save(losses) or self.output / f"checkpoint-{self.step}"  # (written by the main process)
+                bar.close()
+                if acc.log_with:
+                    acc.end_training()  # the trackers' last scalars reach the disk
+                self.adapter.detach()
                 raise TrainingInterrupted(self.stop_signal, self.step, final)  # type: ignore[arg-type]
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.check_finite(losses)
@@ -572,7 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(e, file=sys.stderr)
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
         return 128 + e.signum  # the shell's convention for a process ended by a signal
     import os
 
