@@ -284,6 +284,47 @@ def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
               show_progress=False)
 
 
+def test_an_interrupted_cache_build_continues_after_its_last_full_shard(world, tmp_path, monkeypatch):
+    """Hours of encoding are not lost to a preemption: the rebuild encodes only what the written shards lack, and
+    gives the cache a build without the interruption gives (unreadable images counted once)."""
+    from ipadapter.training import cache as cache_module
+
+    data = Path(make_world_folder(tmp_path / "data", 16, seed=3))
+    (data / "0002.png").write_bytes(b"broken")  # skipped before the interruption
+    (data / "0013.png").write_bytes(b"")  # and after it
+    monkeypatch.setattr(cache_module, "SHARD", 4)
+    cfg = dict(data=str(data), cache_embeddings=True, max_steps=1)
+    train(_cfg(world, tmp_path / "straight", cache_dir=str(tmp_path / "c1"), **cfg), show_progress=False)
+
+    write, writes = cache_module.save_safetensors, []
+
+    def killed_at_the_third_shard(tensors, path, metadata=None):
+        writes.append(Path(path).name)
+        if len(writes) == 4:  # uncond.safetensors, shard 0, shard 1, then the kill
+            raise KeyboardInterrupt
+        write(tensors, path, metadata)
+
+    monkeypatch.setattr(cache_module, "save_safetensors", killed_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(world, tmp_path / "a", cache_dir=str(tmp_path / "c2"), **cfg), show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "c2").glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    monkeypatch.setattr(cache_module, "save_safetensors", write)
+    encoded, encode = [], cache_module.encode_batch
+
+    def spy(models, batch, feature):
+        encoded.extend(batch["index"].tolist())
+        return encode(models, batch, feature)
+
+    monkeypatch.setattr(cache_module, "encode_batch", spy)
+    train(_cfg(world, tmp_path / "b", cache_dir=str(tmp_path / "c2"), **cfg), show_progress=False)
+    assert min(encoded) == 9 and 2 not in encoded  # samples 0-8 (8 cached, 1 unreadable) were not encoded again
+    straight, resumed = (json.loads((tmp_path / c / "index.json").read_text()) for c in ("c1", "c2"))
+    assert resumed == straight and straight["skipped"] == 2 and straight["count"] == 14
+    for shard in sorted((tmp_path / "c1").glob("shard-*")):
+        a, b = load_file(str(shard)), load_file(str(tmp_path / "c2" / shard.name))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
 def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     first = train(_cfg(world, tmp_path / "a", max_steps=2), show_progress=False)
     official = tmp_path / "ip-adapter_tiny.bin"

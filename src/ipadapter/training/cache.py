@@ -4,16 +4,21 @@ Per sample it stores the VAE latent distribution (mean, std), the image-encoder 
 text-encoder states (plus SDXL's pooled text embedding and micro-conditioning). Once per cache it stores the
 unconditional image features and the empty caption's text states, which the recipe's dropout substitutes.
 Shards are float16 safetensors; `index.json` records what was cached so a mismatched cache is refused.
+
+Building is resumable: every full shard is written atomically with the settings it was built for and the samples it
+holds in its metadata, so a build that was killed (a preemption during hours of encoding) continues after its last
+full shard instead of starting over.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..files import save_safetensors, write_text
 from .data import collate
@@ -90,10 +95,34 @@ class EmbeddingCache(Dataset):
         return item
 
 
+def finished_shards(folder: Path, expected: dict) -> list[str]:
+    """The sample keys (dataset indices) of the full shards an interrupted build left, in order: those built for
+    `expected` and numbered without a gap. Later or other files are deleted (they will be written again)."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    wanted = json.dumps(expected, sort_keys=True)
+    n = 0
+    while (folder / f"shard-{n:05d}.safetensors").is_file():
+        try:
+            with safe_open(str(folder / f"shard-{n:05d}.safetensors"), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception:  # unreadable: written again
+            break
+        shard_keys = json.loads(meta.get("keys", "[]"))
+        if meta.get("fingerprint") != wanted or len(shard_keys) != SHARD:  # other settings, or the short last shard
+            break
+        keys += shard_keys
+        n += 1
+    for stale in sorted(folder.glob("shard-*.safetensors"))[n:]:
+        stale.unlink()
+    return keys
+
+
 def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feature: str, tokenize, expected: dict,
                 batch_size: int = 32, num_workers: int = 0, show_progress: bool = True) -> EmbeddingCache:
     """Encodes every sample of `dataset` once (in order) and writes the shards; an existing complete cache is reused
-    (after its fingerprint is checked), an incomplete one (no index.json) is rebuilt."""
+    (after its fingerprint is checked), an interrupted build continues after its last full shard."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -102,17 +131,25 @@ def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feat
         return EmbeddingCache(folder, expected)
     save_safetensors({k: v.half().contiguous().cpu() for k, v in unconditional(models, feature, tokenize).items()},
                      folder / "uncond.safetensors")
-    keys: list[str] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    keys = finished_shards(folder, expected)
+    start = int(keys[-1]) + 1 if keys else 0  # the dataset in order: everything before `start` is cached or skipped
+    shard, count, skipped = len(keys) // SHARD, len(keys), start - len(keys)
+    if start:
+        print(f"embedding cache: continuing an interrupted build after {start} samples ({shard} shards)",
+              file=sys.stderr)  # fmt: skip
+    remaining = Subset(dataset, range(start, len(dataset)))  # type: ignore[arg-type]
+    loader = DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     buffer: dict[str, list[torch.Tensor]] = {}
-    shard, count, skipped = 0, 0, 0
+    fingerprint_json = json.dumps(expected, sort_keys=True)
 
     def flush() -> None:
         nonlocal shard, buffer
         if not buffer:
             return
         tensors = {k: torch.cat(v).contiguous() for k, v in buffer.items()}
-        save_safetensors(tensors, folder / f"shard-{shard:05d}.safetensors")
+        rows = len(tensors["text"])
+        meta = {"fingerprint": fingerprint_json, "keys": json.dumps(keys[shard * SHARD : shard * SHARD + rows])}
+        save_safetensors(tensors, folder / f"shard-{shard:05d}.safetensors", meta)
         shard, buffer = shard + 1, {}
 
     for batch in tqdm(loader, desc="caching embeddings", disable=not show_progress):
@@ -126,7 +163,7 @@ def build_cache(folder: str | Path, dataset: Dataset, models: FrozenModels, feat
             buffer.setdefault(k, []).append(v)
         keys.extend(str(i) for i in batch["index"].tolist())
         count += len(batch["index"])
-        if sum(len(t) for t in buffer["text"]) >= SHARD:
+        while buffer and sum(len(t) for t in buffer["text"]) >= SHARD:  # full shards only, however large the batch
             rows = {k: torch.cat(v) for k, v in buffer.items()}
             buffer = {k: [v[:SHARD]] for k, v in rows.items()}
             rest = {k: v[SHARD:] for k, v in rows.items()}
