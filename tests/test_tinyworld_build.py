@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -134,6 +135,10 @@ def test_assembled_folder_loads_and_generates(built):
     folder = built / "assemble" / PIPELINE_FOLDER
     index = json.loads((folder / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    if os.name == "posix":  # every user may read the weights (save_pretrained's safetensors writes them 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert {p.stat().st_mode & 0o777 for p in folder.rglob("*.safetensors")} == {0o666 & ~umask}
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
