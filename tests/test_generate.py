@@ -103,6 +103,8 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
     root, base, encoder = setup
     (tmp_path / "broken.png").write_bytes(b"nope")
     ref = str(root / "ref.png")
+    faces = tmp_path / "faces.npy"
+    np.save(faces, np.zeros((1, 512), np.float32))
     ok = ["--image", ref, "--adapter", str(root / "ip-adapter.safetensors")]  # valid so far; each case adds one fault
     cases = [
         (["--image", str(tmp_path / "missing.png")], "image not found"),
@@ -117,6 +119,8 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--init-image", ref, "--height", "16"], r"--width / --height do not apply with --init-image"),
         ([*ok, "--out", ref], r"--out .*ref.png is a file; expected a folder"),
         ([*ok, "--dtype", "int8"], r"unknown dtype 'int8'; expected one of float32, float16, bfloat16"),
+        ([*ok, "--s-scale", "0.5"], r"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; .* is base"),
+        ([*ok, "--face-id", str(faces)], r"--face-id / --face-image need a FaceID adapter; .* is base"),
     ]
     import re
 
@@ -193,6 +197,10 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
 
     root, base, _ = setup
     ref = ["--image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors")]
+    from diffusers import UNet2DConditionModel
+
+    faceid = tmp_path / "ip-adapter-faceid.safetensors"
+    IPAdapter.for_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "faceid").save(faceid)
     cases = [
         ([*ref, "--preset", "stlye"], "unknown --preset 'stlye'; expected one of linear"),
         ([*ref, "--controlnet", str(tmp_path)], "--controlnet and --control-image go together"),
@@ -200,8 +208,8 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
         ([*ref, "--weights", "1", "2"], r"one --weights value per reference image \(1\), found 2"),
         ([*ref, "--face-id", str(tmp_path / "face.npy")], "not found: .*face.npy"),
         ([*ref, "--combine", "mean"], "unknown --combine 'mean'"),
-        (["--face-image", str(root / "ref.png"), "--adapter", str(root / "ip-adapter.safetensors"),
-          "--insightface-root", str(tmp_path)], "insightface"),  # not installed here, or no model pack: named
+        (["--face-image", str(root / "ref.png"), "--adapter", str(faceid), "--insightface-root", str(tmp_path)],
+         "insightface"),  # not installed here, or no model pack: named
     ]
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2

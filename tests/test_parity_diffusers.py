@@ -102,6 +102,17 @@ def test_noise_prediction_matches_diffusers(tmp_path, family, variant):
             expected = reference(**{**inputs, "added_cond_kwargs": added}).sample
             found = unet(**inputs).sample
             assert (expected - found).abs().max().item() <= 1e-5, f"scale {scale}"
+        if variant == "faceid_plusv2":  # the face-structure weight: our s_scale is diffusers' shortcut_scale
+            pipe.unet.encoder_hid_proj.image_projection_layers[0].shortcut_scale = 0.3
+            tokens = ours.project(**feats, s_scale=0.3)
+            ours.set_tokens(tokens[1:], uncond=tokens[:1])
+            added = dict(inputs.get("added_cond_kwargs", {}), image_embeds=embeds)
+            expected = reference(**{**inputs, "added_cond_kwargs": added}).sample
+            structure = unet(**inputs).sample
+            assert (expected - structure).abs().max().item() <= 1e-5 < (structure - found).abs().max().item()
+        elif variant == "faceid_plus":  # v1 has no shortcut: a structure weight would be silently meaningless
+            with pytest.raises(ValueError, match="s_scale weighs the face-structure branch of FaceID-PlusV2"):
+                ours.project(**feats, s_scale=0.3)
         # The adapter really acts: at scale 1 the prediction differs from the plain UNet.
         ours.detach()
         plain = unet(**inputs).sample

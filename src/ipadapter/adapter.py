@@ -238,8 +238,10 @@ class IPAdapter(nn.Module):
         self.state.clear()
 
     # ---- run-time inputs ----------------------------------------------------------------------------------------
-    def project(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder features -> image tokens (B, T, cross_attention_dim)."""
+    def project(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None,
+                s_scale: float | None = None) -> torch.Tensor:  # fmt: skip
+        """Encoder features -> image tokens (B, T, cross_attention_dim). `s_scale`: FaceID-PlusV2 only, the weight of
+        the face-structure branch (tokens = identity + s_scale * perceiver(identity, face crop); default 1)."""
         cfg = self.config
         if image is not None and cfg.image_embed_dim and image.shape[-1] != cfg.image_embed_dim:
             from .config import encoder_source
@@ -251,6 +253,11 @@ class IPAdapter(nn.Module):
             )
         if face_id is not None and cfg.id_embed_dim and face_id.shape[-1] != cfg.id_embed_dim:
             raise ValueError(f"this adapter expects {cfg.id_embed_dim}-d face embeddings, found {face_id.shape[-1]}-d")
+        if s_scale is not None:
+            if not (cfg.projection == "faceid_plus" and cfg.shortcut):
+                raise ValueError(f"s_scale weighs the face-structure branch of FaceID-PlusV2 adapters; this adapter "
+                                 f"({cfg.variant}) has none")  # fmt: skip
+            return self.image_proj(image=image, face_id=face_id, s_scale=float(s_scale))
         return self.image_proj(image=image, face_id=face_id)
 
     def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, help="image prompt active up to this fraction of the steps (1)")
     p.add_argument("--face-id", help="FaceID: .npy / .safetensors file with 512-d ArcFace embeddings")
     p.add_argument("--face-image", help="FaceID: embed the largest face of this image with insightface (local models)")
+    p.add_argument("--s-scale", type=float, help="FaceID-PlusV2: weight of the face-structure branch (official "
+                   "s_scale, ComfyUI weight_faceidv2; default 1.0)")
     p.add_argument("--insightface-root", help="insightface root holding models/buffalo_l (default: ~/.insightface)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")

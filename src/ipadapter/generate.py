@@ -45,6 +45,7 @@ class GenerateConfig:
     face_id: str = ""  # FaceID adapters: a .safetensors / .npy file with (512,) or (N, 512) ArcFace embeddings
     face_image: str = ""  # FaceID adapters: an image whose largest face insightface embeds (local model pack)
     insightface_root: str = ""  # insightface root holding models/buffalo_l (default: ~/.insightface)
+    s_scale: float | None = None  # FaceID-PlusV2: weight of the face-structure branch (default 1.0)
     start: float = 0.0  # the image prompt acts from this fraction of the denoising ...
     end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
@@ -95,6 +96,16 @@ def check_inputs(cfg: GenerateConfig) -> None:
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
+    if cfg.s_scale is not None or cfg.face_id or cfg.face_image:  # FaceID options need a FaceID adapter (shapes only)
+        from .checkpoint import adapter_from_tensors, read_tensors
+
+        tensors, metadata = read_tensors(adapter, shapes_only=True)
+        found = adapter_from_tensors(tensors, metadata, Path(adapter).name).config
+        if (cfg.face_id or cfg.face_image) and not found.id_embed_dim:
+            raise ValueError(f"--face-id / --face-image need a FaceID adapter; {Path(adapter).name} is {found.variant}")
+        if cfg.s_scale is not None and not (found.projection == "faceid_plus" and found.shortcut):
+            raise ValueError(f"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; "
+                             f"{Path(adapter).name} is {found.variant}")  # fmt: skip
     for flag, value in (("--num-images", cfg.num_images), ("--steps", cfg.steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, found {value}")
@@ -105,7 +116,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("--width / --height do not apply with --init-image: image-to-image keeps the init image's size")
     numbers = {"--scale": cfg.scale, "--composition-scale": cfg.composition_scale, "--boost": cfg.boost,
                "--content-scale": cfg.content_scale, "--guidance": cfg.guidance, "--controlnet-scale": cfg.controlnet_scale,
-               "--weights": sum(cfg.weights)}  # fmt: skip
+               "--weights": sum(cfg.weights), "--s-scale": cfg.s_scale}  # fmt: skip
     for flag, value in numbers.items():
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, found {value}")
@@ -256,7 +267,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         weights=cfg.weights or None, prep=cfg.prep,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
-        face_id=faces, content_embeds=content, content_scale=cfg.content_scale,
+        face_id=faces, s_scale=cfg.s_scale, content_embeds=content, content_scale=cfg.content_scale,
     )  # fmt: skip
     images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()

@@ -113,7 +113,8 @@ class FaceIDPlusProjection(FaceIDProjection):
     """FaceID-Plus(V2): identity tokens are the queries of a perceiver over the face crop's CLIP tokens.
 
     With `shortcut` (PlusV2) the output is `id_tokens + s_scale * perceiver(id_tokens, clip)`; without it the
-    perceiver output alone (official `ProjPlusModel`).
+    perceiver output alone (official `ProjPlusModel`). `s_scale` weighs the face-structure (CLIP) branch against the
+    identity: official `generate(s_scale=...)`, ComfyUI's `weight_faceidv2`, diffusers' `shortcut_scale`.
     """
 
     def __init__(self, cfg: AdapterConfig) -> None:
@@ -123,12 +124,13 @@ class FaceIDPlusProjection(FaceIDProjection):
         self.shortcut = cfg.shortcut
         self.s_scale = 1.0  # runtime weight of the CLIP (structure) branch for PlusV2; not a parameter
 
-    def forward(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None,
+                s_scale: float | None = None) -> torch.Tensor:  # fmt: skip
         ids = _require("face_id", face_id, (2,), "faceid_plus")  # (B, id_dim)
         clip = _require("image", image, (3,), "faceid_plus")  # (B, N, D)
         x = self.id_tokens(ids)  # (B, T, C)
         out = self.perceiver_resampler(x, clip.to(x.dtype))  # (B, T, C)
-        return x + self.s_scale * out if self.shortcut else out
+        return x + (self.s_scale if s_scale is None else s_scale) * out if self.shortcut else out
 
 
 def build_projection(cfg: AdapterConfig) -> nn.Module:

@@ -64,6 +64,7 @@ class ImagePrompt:
     start: float = 0.0  # acts from this fraction of the denoising ...
     end: float = 1.0  # ... up to this fraction
     face_id: torch.Tensor | None = None  # (512,) or (N, 512) ArcFace embeddings for FaceID adapters
+    s_scale: float | None = None  # FaceID-PlusV2: weight of the face-structure branch (official s_scale; default 1)
     content_embeds: torch.Tensor | None = None  # InstantStyle: (D,) or (N, D) text embedding to remove (pooled only)
     content_scale: float = 1.0  # ... times this
 
@@ -231,8 +232,10 @@ class ImagePrompter:
         if face is not None:
             n = cond_feats.shape[0] if cond_feats is not None else 1
             faces = face.reshape(1, -1).expand(n, -1)
-        cond = adapter.project(image=cond_feats, face_id=faces)  # (K or 1, T, C)
-        uncond = adapter.project(image=uncond_feats, face_id=None if faces is None else torch.zeros_like(faces))
+        weight = {} if p.s_scale is None else {"s_scale": p.s_scale}  # the unconditional tokens too, as officially
+        cond = adapter.project(image=cond_feats, face_id=faces, **weight)  # (K or 1, T, C)
+        uncond = adapter.project(image=uncond_feats, face_id=None if faces is None else torch.zeros_like(faces),
+                                 **weight)  # fmt: skip
         return concat_tokens(cond), concat_tokens(uncond)
 
     @torch.no_grad()
