@@ -119,6 +119,7 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--init-image", ref, "--height", "16"], r"--width / --height do not apply with --init-image"),
         ([*ok, "--out", ref], r"--out .*ref.png is a file; expected a folder"),
         ([*ok, "--dtype", "int8"], r"unknown dtype 'int8'; expected one of float32, float16, bfloat16"),
+        ([*ok, "--image-mask", ref, ref], r"expected one --image-mask, or one per --image \(1\), found 2"),
         ([*ok, "--s-scale", "0.5"], r"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; .* is base"),
         ([*ok, "--face-id", str(faces)], r"--face-id / --face-image need a FaceID adapter; .* is base"),
     ]

@@ -102,3 +102,23 @@ def _half(name: str) -> torch.Tensor:
                   "top": (slice(0, 32), slice(None)), "bottom": (slice(32, None), slice(None))}[name]  # fmt: skip
     mask[rows, cols] = 1
     return mask
+
+
+def test_image_mask_decides_what_of_the_reference_the_encoder_sees(world):
+    """The reference's shape on the left: showing the encoder only the left part keeps the shape's attributes,
+    hiding it loses them as if nothing were shown; an all-white mask is no mask."""
+    import numpy as np
+
+    scenes = [replace(s, position="left", size="large") for s in held_out_scenes(N, 7)]
+    references = [render(s) for s in scenes]
+    left = np.zeros((64, 64), np.float32)
+    left[:, :40] = 1  # the shape's side (a large shape on the left ends before column 40)
+    subject = ("shape", "color", "pattern")
+    unmasked = _kept(scenes, _reads(world, references), subject)
+    shown = _kept(scenes, _reads(world, references, image_mask=left), subject)
+    hidden = _kept(scenes, _reads(world, references, image_mask=1 - left), subject)
+    nothing = _kept(scenes, _reads(world, references, image_mask=np.zeros((64, 64), np.float32)), subject)
+    assert shown >= unmasked - 0.1 and hidden <= nothing + 0.1 and hidden <= unmasked - 0.3, (unmasked, shown, hidden)
+    prompter = world[1]
+    assert torch.equal(prompter.features(references[:2], masks=np.ones((64, 64), np.float32)),
+                       prompter.features(references[:2]))  # fmt: skip

@@ -38,6 +38,7 @@ class GenerateConfig:
     scaling: str = "v"  # where the scale acts: v (output), kv, kv_penalty, k_mean_v_penalty
     composition_image: str = ""  # style_and_composition with two images: the layout reference
     mask: str = ""  # mask image: the image prompt acts only where it is white
+    image_masks: list[str] = field(default_factory=list)  # what of each reference the encoder sees (white)
     content_text: str = ""  # InstantStyle: remove this text's embedding from the image embedding (pooled adapters)
     content_scale: float = 1.0  # ... times this
     content_text_encoder: str = ""  # text tower paired with the image encoder (default: the tiny world's pair)
@@ -77,7 +78,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .references import PREP_MODES
     from .sources import resolve_adapter
 
-    images = [*cfg.images, *cfg.negative_images]
+    images = [*cfg.images, *cfg.negative_images, *cfg.image_masks]
     for name in ("init_image", "composition_image", "mask", "inpaint_mask", "control_image", "face_image"):
         if getattr(cfg, name):
             images.append(getattr(cfg, name))
@@ -93,6 +94,10 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("pass --face-id (precomputed embeddings) or --face-image, not both")
     if cfg.images and cfg.embeds:
         raise ValueError("pass reference images (--image) or saved embeddings (--embeds), not both")
+    if cfg.image_masks and not cfg.images:
+        raise ValueError("--image-mask hides pixels of --image references; found none (saved --embeds have no pixels)")
+    if cfg.image_masks and len(cfg.image_masks) not in (1, len(cfg.images)):
+        raise ValueError(f"expected one --image-mask, or one per --image ({len(cfg.images)}), found {len(cfg.image_masks)}")
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
@@ -243,7 +248,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     else:
         references = [load_image(p) for p in cfg.images]
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
-        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep), adapter.config.image_feature,
+        masks = [load_image(m) for m in cfg.image_masks] or None
+        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=masks), adapter.config.image_feature,
                     encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
     kwargs: dict = {"negative_prompt": cfg.negative_prompt, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
@@ -264,7 +270,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
         boost=cfg.boost, scaling=cfg.scaling,
         composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
-        weights=cfg.weights or None, prep=cfg.prep,
+        weights=cfg.weights or None, prep=cfg.prep, image_mask=[load_image(m) for m in cfg.image_masks] or None,
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
         face_id=faces, s_scale=cfg.s_scale, content_embeds=content, content_scale=cfg.content_scale,

@@ -57,6 +57,7 @@ class ImagePrompt:
     combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
     weights: Sequence[float] | None = None  # one weight per reference (same for every prompt)
     prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
+    image_mask: MaskInput | Sequence[MaskInput] | None = None  # which pixels of each reference the encoder sees
     negative_image: ImageInput | Sequence | None = None  # unconditional image prompt instead of the empty one
     negative_noise: float = 0.0  # > 0: the unconditional image is the reference with this much noise ("fade")
     mask: MaskInput | Sequence[MaskInput] | None = None  # where the prompt acts: one for all prompts or one each
@@ -172,21 +173,46 @@ class ImagePrompter:
 
     # ---- encoding -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: Sequence, slot: int = 0, prep: str = "center_crop") -> torch.Tensor:
+    def features(self, images: Sequence, slot: int = 0, prep: str = "center_crop", masks=None) -> torch.Tensor:
         """Encoder features of references (images, files, or precomputed feature tensors) for adapter `slot`:
-        pooled (K, D) or penultimate (K, T, D). "tiles" preparation turns one image into several references."""
+        pooled (K, D) or penultimate (K, T, D). "tiles" preparation turns one image into several references.
+        `masks`: one for every reference or one each; the encoder sees the reference's normalised pixels times the
+        mask (black hides), prepared like the reference (ComfyUI's encoder mask)."""
         adapter, encoder = self.adapters[slot], self.encoders[slot]
         feature = adapter.config.image_feature
         loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
         if all(isinstance(x, torch.Tensor) for x in loaded):
+            if masks is not None:
+                raise ValueError("image_mask hides pixels of reference images; precomputed features have none")
             return torch.stack(list(loaded))  # precomputed features
         if any(isinstance(x, torch.Tensor) for x in loaded):
             raise ValueError("references of one prompt must be all images or all precomputed features")
         if encoder is None:
             raise ValueError("reference images need an ImageEncoder; pass one, or pass precomputed features")
         size = int(encoder.model.config.image_size)
+        if masks is not None:
+            return encoder.encode(self._masked_pixels(loaded, masks, prep, size, encoder), feature)
         prepared = loaded if prep == "center_crop" else [p for x in loaded for p in prepare(x, prep, size)]
         return encoder.encode(prepared, feature)
+
+    @staticmethod
+    def _masked_pixels(images: list, masks, prep: str, size: int, encoder: ImageEncoder) -> torch.Tensor:
+        """(K', 3, S, S) normalised pixels of the prepared references times their prepared masks."""
+        masks = [load_mask(m) for m in (masks if isinstance(masks, (list, tuple)) else [masks])]
+        if len(masks) not in (1, len(images)):
+            raise ValueError(f"expected one image_mask, or one per reference ({len(images)}), found {len(masks)}")
+        pixels, weights = [], []
+        for i, image in enumerate(images):
+            m = masks[min(i, len(masks) - 1)]
+            mask = Image.fromarray((m.numpy() * 255).round().astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+            # the same geometry for both: centre crop (the encoder's processor does the image's, as unmasked) / pad
+            # (the padding stays as it is) / squash / tiles
+            shown = [image] if prep == "center_crop" else prepare(image, prep, size)
+            seen = prepare(mask, prep, size, pad_color=(255, 255, 255))
+            pixels.append(encoder.preprocess(shown))
+            weights += [torch.from_numpy(np.asarray(s, dtype=np.float32)[..., 0] / 255.0) for s in seen]
+        out = torch.cat(pixels)  # (K', 3, S, S)
+        return out * torch.stack(weights)[:, None].to(out)  # (K', 1, S, S) broadcast over channels
 
     @torch.no_grad()
     def _prompt_tokens(self, slot: int, refs: list | None, negatives: list | None, face: torch.Tensor | None,
@@ -196,7 +222,7 @@ class ImagePrompter:
         feature = adapter.config.image_feature
         cond_feats = uncond_feats = None
         if refs is not None and feature != "none":
-            cond_feats = self.features(refs, slot, p.prep)  # (K, ...)
+            cond_feats = self.features(refs, slot, p.prep, p.image_mask)  # (K, ...)
             k = cond_feats.shape[0]
             if p.content_embeds is not None:
                 if feature != "pooled":
@@ -221,7 +247,8 @@ class ImagePrompter:
                 images = [load_image(x) if isinstance(x, (str, Path)) else x for x in refs]
                 if not all(isinstance(x, Image.Image) for x in images):
                     raise ValueError("negative_noise needs reference images, not precomputed features")
-                uncond_feats = self.features([noised_reference(x, p.negative_noise) for x in images], slot, p.prep)
+                uncond_feats = self.features([noised_reference(x, p.negative_noise) for x in images], slot, p.prep,
+                                             p.image_mask)  # fmt: skip
             elif encoder is not None:
                 uncond_feats = encoder.unconditional(feature, k).to(cond_feats)
             else:  # precomputed features without an encoder: zeros, as pooled training drops
