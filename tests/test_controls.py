@@ -93,6 +93,13 @@ def test_block_dicts_several_images_and_masks_match_diffusers(setup, variant):
         assert abs(expected - found).max() <= 1e-5
         single = _run(prompter, image=a, scale=0.8, mask=masks[0, 0])
         assert abs(single - found).max() > 1e-4  # the second region really acted
+        # encoder masks, one per reference, stay with their reference in its region (all-white: unchanged)
+        white, black = np.ones((8, 8), np.float32), np.zeros((8, 8), np.float32)
+        kept = _run(prompter, image=[a, b], scale=0.8, regions=[masks[0, 0], masks[1, 0]], image_mask=[white, white])
+        assert abs(kept - found).max() <= 1e-6
+        hidden = _run(prompter, image=[a, b], scale=0.8, regions=[masks[0, 0], masks[1, 0]], image_mask=[white, black])
+        left_half = (slice(None), slice(None), slice(0, 8))  # (N, H, W, C) images: region 0 is the left half
+        assert abs(hidden - found)[left_half].max() < abs(hidden - found).max()  # b's region changed the most
     finally:
         prompter.detach()
 

@@ -358,6 +358,8 @@ class ImagePrompter:
         groups = []
         for j, region in enumerate(regions):
             single_j = replace(single, image=[[r[j]] for r in refs or []])
+            if isinstance(p.image_mask, (list, tuple)) and len(p.image_mask) == len(regions) > 1:
+                single_j = replace(single_j, image_mask=p.image_mask[j])  # reference j's own encoder mask
             (group,) = self._groups(slot, single_j, n_prompts, cfg)
             groups.append(replace(group, layer_scales=[s * weights[j] for s in scales], mask=masks_tensor(region, 1)))
         return groups
