@@ -325,6 +325,28 @@ def test_an_interrupted_cache_build_continues_after_its_last_full_shard(world, t
         assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
 
 
+def test_a_resumed_cache_build_keeps_only_full_shards_of_its_settings(tmp_path, monkeypatch):
+    from ipadapter.files import save_safetensors
+    from ipadapter.training import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "SHARD", 2)
+    expected = {"data": "a"}
+
+    def shard(name, keys, fingerprint=expected):
+        save_safetensors({"text": torch.zeros(len(keys), 1)}, tmp_path / name,
+                         {"fingerprint": json.dumps(fingerprint, sort_keys=True), "keys": json.dumps(keys)})
+
+    shard("shard-00000.safetensors", ["0", "2"])
+    shard("shard-00001.safetensors", ["3", "4"])
+    shard("shard-00002.safetensors", ["5"])  # the short last shard: written again
+    shard("shard-100000.safetensors", ["9", "10"])  # past five digits: sorts before shard-00003 by name
+    (tmp_path / "shard-x.safetensors").write_bytes(b"")
+    assert cache_module.finished_shards(tmp_path, expected) == ["0", "2", "3", "4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert cache_module.finished_shards(tmp_path, {"data": "b"}) == []  # other settings: nothing is kept
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     first = train(_cfg(world, tmp_path / "a", max_steps=2), show_progress=False)
     official = tmp_path / "ip-adapter_tiny.bin"

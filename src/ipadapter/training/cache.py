@@ -114,8 +114,10 @@ def finished_shards(folder: Path, expected: dict) -> list[str]:
             break
         keys += shard_keys
         n += 1
-    for stale in sorted(folder.glob("shard-*.safetensors"))[n:]:
-        stale.unlink()
+    for stale in folder.glob("shard-*.safetensors"):
+        number = stale.stem.removeprefix("shard-")
+        if not number.isdigit() or int(number) >= n:  # by number: names grow past 5 digits on huge datasets
+            stale.unlink()
     return keys
 
 
