@@ -189,6 +189,27 @@ def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(set
     assert params["preset"] == "style" and params["weights"] == [0.3, 0.7] and params["combine"] == "average"
 
 
+def test_image_mask_alpha_is_each_references_transparency(setup, tmp_path, capsys):
+    """A cut-out subject on a transparent background: `--image-mask alpha` equals passing its alpha as the mask."""
+    root, base, encoder = setup
+    rgba = Image.open(root / "ref.png").convert("RGBA")
+    alpha = np.zeros((30, 40), np.uint8)
+    alpha[5:25, 10:30] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(tmp_path / "cutout.png")
+    Image.fromarray(alpha).save(tmp_path / "alpha.png")
+    common = ["generate", "--image", str(tmp_path / "cutout.png"), "--steps", "2", "--base", base, "--adapter",
+              str(root / "ip-adapter.safetensors"), "--image-encoder", encoder]  # fmt: skip
+    outs = {}
+    for name, mask in (("alpha", "alpha"), ("file", str(tmp_path / "alpha.png")), ("none", None)):
+        assert main([*common, *(["--image-mask", mask] if mask else []), "--out", str(tmp_path / name)]) == 0
+        outs[name] = np.asarray(Image.open(tmp_path / name / "000000-000.png")).astype(int)
+    assert np.array_equal(outs["alpha"], outs["file"]) and not np.array_equal(outs["alpha"], outs["none"])
+    capsys.readouterr()
+    assert main([*common[:2], str(root / "ref.png"), *common[3:], "--image-mask", "alpha"]) == 2
+    assert "ref.png has no alpha channel (mode RGB)" in capsys.readouterr().err
+
+
 def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
     import re
     import sys

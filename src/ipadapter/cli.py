@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", type=float, help="one weight per reference image")
     p.add_argument("--prep", help="reference preparation: center_crop (default), pad, squash, tiles")
     p.add_argument("--image-mask", nargs="+", dest="image_masks", metavar="MASK",
-                   help="which pixels of the reference(s) the image encoder sees (white); one for all or one each")
+                   help="which pixels of the reference(s) the image encoder sees (white); one for all, one each, or `alpha`: "
+                   "each reference's own transparency")
     p.add_argument("--prompt", help='text prompt (default: "" = image-only prompting)')
     p.add_argument("--negative-prompt", help="negative text prompt (default: empty)")
     p.add_argument("--negative-image", dest="negative_images", nargs="+", metavar="IMG",

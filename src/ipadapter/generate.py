@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from .images import load_image
+from .images import load_alpha, load_image
 
 
 @dataclass
@@ -78,7 +78,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .references import PREP_MODES
     from .sources import resolve_adapter
 
-    images = [*cfg.images, *cfg.negative_images, *cfg.image_masks]
+    alpha = cfg.image_masks == ["alpha"]  # each reference's own transparency
+    images = [*cfg.images, *cfg.negative_images, *([] if alpha else cfg.image_masks)]
     for name in ("init_image", "composition_image", "mask", "inpaint_mask", "control_image", "face_image"):
         if getattr(cfg, name):
             images.append(getattr(cfg, name))
@@ -96,6 +97,9 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("pass reference images (--image) or saved embeddings (--embeds), not both")
     if cfg.image_masks and not cfg.images:
         raise ValueError("--image-mask hides pixels of --image references; found none (saved --embeds have no pixels)")
+    if alpha:
+        for path in cfg.images:
+            load_alpha(path)  # ValueError naming the reference without one
     if cfg.image_masks and len(cfg.image_masks) not in (1, len(cfg.images)):
         raise ValueError(f"expected one --image-mask, or one per --image ({len(cfg.images)}), found {len(cfg.image_masks)}")
     adapter = resolve_adapter(cfg.adapter)
@@ -167,6 +171,13 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
     if cfg.negative_images and cfg.negative_noise > 0:
         raise ValueError("--negative-image and --negative-noise both choose the unconditional image prompt; pass one")
+
+
+def image_masks(cfg: GenerateConfig) -> list | None:
+    """--image-mask files, or with `alpha` each --image's own transparency (opaque: seen by the encoder)."""
+    if cfg.image_masks == ["alpha"]:
+        return [load_alpha(p) for p in cfg.images]
+    return [load_image(m) for m in cfg.image_masks] or None
 
 
 def face_embedding(cfg: GenerateConfig) -> torch.Tensor:
@@ -248,8 +259,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     else:
         references = [load_image(p) for p in cfg.images]
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
-        masks = [load_image(m) for m in cfg.image_masks] or None
-        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=masks), adapter.config.image_feature,
+        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=image_masks(cfg)), adapter.config.image_feature,
                     encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
     kwargs: dict = {"negative_prompt": cfg.negative_prompt, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
@@ -270,7 +280,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
         boost=cfg.boost, scaling=cfg.scaling,
         composition_image=load_image(cfg.composition_image) if cfg.composition_image else None, combine=cfg.combine,
-        weights=cfg.weights or None, prep=cfg.prep, image_mask=[load_image(m) for m in cfg.image_masks] or None,
+        weights=cfg.weights or None, prep=cfg.prep, image_mask=image_masks(cfg),
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
         face_id=faces, s_scale=cfg.s_scale, content_embeds=content, content_scale=cfg.content_scale,
