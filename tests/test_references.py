@@ -66,6 +66,8 @@ def test_combine_feature_math():
     assert combine_features(x, "concat").shape == (2, 2)
     norm = combine_features(x, "norm_average")  # mean of the unit vectors (0.3, 0.9), times the mean norm (3)
     assert torch.allclose(norm, torch.tensor([[0.9, 2.7]]))
+    assert torch.equal(combine_features(x, "max"), torch.tensor([[3.0, 4.0]]))
+    assert torch.equal(combine_features(x, "min", [1.0, 10.0]), torch.tensor([[0.0, 4.0]]))  # weighted first
 
 
 def test_saved_embeddings_round_trip_and_refuse_another_encoder(tmp_path):

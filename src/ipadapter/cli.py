@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", dest="images", nargs="+", metavar="REF", help="reference image file(s), combined into one image prompt")
     p.add_argument("--embeds", help="saved reference embeddings (.safetensors from --save-embeds) instead of --image")
     p.add_argument("--save-embeds", help="also write the references' encoder features to this .safetensors file")
-    p.add_argument("--combine", help="several references: concat (default), average, norm_average, add, subtract")
+    p.add_argument("--combine", help="several references: concat (default), average, norm_average, add, subtract, max, min")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per reference image")
     p.add_argument("--prep", help="reference preparation: center_crop (default), pad, squash, tiles")
     p.add_argument("--image-mask", nargs="+", dest="image_masks", metavar="MASK",

@@ -10,6 +10,7 @@ does), so it works the same for every variant:
   features are larger do not dominate).
 - add: the weighted sum.
 - subtract: the first reference minus the weighted mean of the others (what to keep, minus what to remove).
+- max / min: the element-wise maximum / minimum over the (weighted) references (ComfyUI's CombineEmbeds).
 
 Per-reference weights multiply each reference's features before combining.
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract")
+COMBINE_MODES = ("concat", "average", "norm_average", "add", "subtract", "max", "min")
 
 
 def weigh(features: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
@@ -52,6 +53,10 @@ def combine_features(features: torch.Tensor, mode: str, weights: Sequence[float]
         return features.mean(0, keepdim=True)
     if mode == "add":
         return features.sum(0, keepdim=True)
+    if mode == "max":
+        return features.amax(0, keepdim=True)
+    if mode == "min":
+        return features.amin(0, keepdim=True)
     return features[:1] - features[1:].mean(0, keepdim=True)  # subtract
 
 
