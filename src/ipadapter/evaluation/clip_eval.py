@@ -48,6 +48,7 @@ class ClipEvalConfig:
     def __post_init__(self) -> None:
         """Values are checked here, before any model is loaded; files in `check_files`."""
         from ..blocks import PRECISE, PRESETS
+        from ..sources import parse_dtype
 
         for name, low in (("images_per_pair", 1), ("limit", 0), ("steps", 1)):
             value = getattr(self, name)
@@ -57,8 +58,6 @@ class ClipEvalConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, found {value}")
-        from ..sources import parse_dtype
-
         parse_dtype(self.dtype)
         if self.preset and self.preset not in (*PRESETS, *PRECISE):
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
