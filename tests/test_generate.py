@@ -276,3 +276,72 @@ def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_pa
     single = save_ldm_checkpoint(base, tmp_path / "model.safetensors")
     assert main([*common, "--base", str(single), "--image-encoder", encoder]) == 2
     assert "pass --base-config with the diffusers folder or hub id it follows" in capsys.readouterr().err
+
+
+def test_face_image_gives_faceid_plus_its_aligned_face_crop(setup, tmp_path, monkeypatch):
+    """`--face-image` alone drives a FaceID-Plus adapter: the ArcFace embedding and the aligned face crop (through the
+    image encoder), as the official pipeline computes them; the same pixels as passing both by hand. insightface is
+    not installed here: a stand-in with its interface (largest face, five landmarks, norm_crop) replaces it."""
+    import sys
+    import types
+
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import ImageEncoder
+
+    root, base, encoder = setup
+    crops = []
+
+    class Face:
+        def __init__(self, x):
+            self.bbox = np.array([x, 0, x + 8, 8 + x])  # the larger x, the larger the face
+            self.kps = np.full((5, 2), float(x))
+            self.normed_embedding = np.linspace(-1, 1, 512, dtype=np.float32) * (x + 1)
+
+    class FaceAnalysis:
+        def __init__(self, name, root, providers):
+            pass
+
+        def prepare(self, ctx_id, det_size):
+            pass
+
+        def get(self, bgr):
+            return [Face(2), Face(6)]
+
+    def norm_crop(bgr, landmark, image_size):
+        crops.append(float(landmark[0, 0]))
+        return np.ascontiguousarray(np.resize(bgr, (image_size, image_size, 3)))
+
+    fake = {"insightface": types.ModuleType("insightface"), "insightface.app": types.ModuleType("insightface.app"),
+            "insightface.utils": types.ModuleType("insightface.utils"),
+            "insightface.utils.face_align": types.ModuleType("insightface.utils.face_align")}  # fmt: skip
+    fake["insightface.app"].FaceAnalysis = FaceAnalysis
+    fake["insightface.utils.face_align"].norm_crop = norm_crop
+    fake["insightface.utils"].face_align = fake["insightface.utils.face_align"]
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    (tmp_path / "models" / "buffalo_l").mkdir(parents=True)
+    (tmp_path / "models" / "buffalo_l" / "det.onnx").write_bytes(b"")
+
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(unet, "faceid_plusv2", image_embed_dim=ImageEncoder.from_pretrained(encoder).hidden_dim)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    adapter.save(tmp_path / "faceid-plusv2.safetensors")
+    common = ["generate", "--steps", "2", "--base", base, "--adapter", str(tmp_path / "faceid-plusv2.safetensors"),
+              "--image-encoder", encoder]  # fmt: skip
+    assert main([*common, "--face-image", str(root / "ref.png"), "--insightface-root", str(tmp_path),
+                 "--out", str(tmp_path / "auto")]) == 0  # fmt: skip
+    assert crops == [6.0]  # the largest face's landmarks
+    from ipadapter.faces import FaceEmbedder
+
+    embedder = FaceEmbedder(root=tmp_path)
+    face = Image.open(root / "ref.png").convert("RGB")
+    embedder.aligned_crop(face).save(tmp_path / "crop.png")
+    np.save(tmp_path / "face.npy", embedder.embed(face).numpy()[None])
+    assert main([*common, "--image", str(tmp_path / "crop.png"), "--face-id", str(tmp_path / "face.npy"),
+                 "--out", str(tmp_path / "manual")]) == 0  # fmt: skip
+    auto, manual = (np.asarray(Image.open(tmp_path / d / "000000-000.png")) for d in ("auto", "manual"))
+    assert np.array_equal(auto, manual)

@@ -43,11 +43,24 @@ class FaceEmbedder:
         self.app = FaceAnalysis(name=name, root=str(root), providers=list(providers))
         self.app.prepare(ctx_id=-1 if providers == ("CPUExecutionProvider",) else 0, det_size=(det_size, det_size))
 
-    def embed(self, image: Image.Image, normed: bool = True) -> torch.Tensor:
-        """(512,) embedding of the largest face; ValueError when no face is found."""
-        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    def _largest(self, image: Image.Image):
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         faces = self.app.get(bgr)
         if not faces:
             raise ValueError(f"no face detected in the {image.size[0]}x{image.size[1]} image")
-        face = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+        return bgr, max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
+
+    def embed(self, image: Image.Image, normed: bool = True) -> torch.Tensor:
+        """(512,) embedding of the largest face; ValueError when no face is found."""
+        _, face = self._largest(image)
         return torch.from_numpy(np.asarray(face.normed_embedding if normed else face.embedding, dtype=np.float32))
+
+    def aligned_crop(self, image: Image.Image, size: int = 224) -> Image.Image:
+        """The largest face aligned to ArcFace's template by its five landmarks, `size` x `size`: what FaceID-Plus
+        adapters read through the image encoder (the official `face_align.norm_crop(image, landmark=face.kps,
+        image_size=224)`)."""
+        from insightface.utils import face_align
+
+        bgr, face = self._largest(image)
+        crop = face_align.norm_crop(bgr, landmark=face.kps, image_size=size)  # (size, size, 3) BGR
+        return Image.fromarray(np.ascontiguousarray(crop[:, :, ::-1]))

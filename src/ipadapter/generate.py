@@ -180,12 +180,14 @@ def image_masks(cfg: GenerateConfig) -> list | None:
     return [load_image(m) for m in cfg.image_masks] or None
 
 
-def face_embedding(cfg: GenerateConfig) -> torch.Tensor:
-    """(1, 512) ArcFace embedding of the largest face in --face-image (insightface with a local model pack)."""
+def face_embedding(cfg: GenerateConfig) -> tuple[torch.Tensor, Image.Image]:
+    """(1, 512) ArcFace embedding of the largest face in --face-image and its aligned crop (what FaceID-Plus reads
+    through the image encoder), with insightface and a local model pack."""
     from .faces import FaceEmbedder
 
     embedder = FaceEmbedder(root=cfg.insightface_root or None)
-    return embedder.embed(load_image(cfg.face_image))[None]
+    image = load_image(cfg.face_image)
+    return embedder.embed(image)[None], embedder.aligned_crop(image)
 
 
 def load_face_id(path: str | Path) -> torch.Tensor:
@@ -231,7 +233,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
             except OSError as error:
                 raise ValueError(f"cannot create the folder {folder}: {error.strerror}") from error
     # face embeddings before any model: a missing insightface or model pack fails fast
-    faces = load_face_id(cfg.face_id) if cfg.face_id else face_embedding(cfg) if cfg.face_image else None
+    faces, face_crop = (load_face_id(cfg.face_id), None) if cfg.face_id else \
+        face_embedding(cfg) if cfg.face_image else (None, None)  # fmt: skip
     kind = "inpaint" if cfg.inpaint_mask else "image2image" if cfg.init_image else "text2image"
     controlnet = None
     if cfg.controlnet:
@@ -258,6 +261,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         references = list(load_embeds(cfg.embeds, adapter.config)[0])
     else:
         references = [load_image(p) for p in cfg.images]
+    if not references and face_crop is not None and adapter.config.image_feature != "none":
+        references = [face_crop]  # FaceID-Plus: the aligned face of --face-image, as the official pipeline does
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
         save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=image_masks(cfg)), adapter.config.image_feature,
                     encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
