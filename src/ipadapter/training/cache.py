@@ -107,9 +107,9 @@ def finished_shards(folder: Path, expected: dict) -> list[str]:
         try:
             with safe_open(str(folder / f"shard-{n:05d}.safetensors"), framework="pt") as handle:
                 meta = handle.metadata() or {}
+            shard_keys = json.loads(meta.get("keys", "[]"))
         except Exception:  # unreadable: written again
             break
-        shard_keys = json.loads(meta.get("keys", "[]"))
         if meta.get("fingerprint") != wanted or len(shard_keys) != SHARD:  # other settings, or the short last shard
             break
         keys += shard_keys
