@@ -46,6 +46,12 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], str]] = {
         "the same in bf16 (both loops: frozen models in bf16, the official-style UNet float32 under autocast as in "
         "tutorial_train.py); on CPUs with AVX512-BF16 or AMX",
     ),
+    "train_throughput_compile": (
+        ["--samples", "256", "--batch-size", "16", "--steps", "60", "--compile", "inductor"],
+        ["--samples", "64", "--batch-size", "16", "--steps", "8", "--compile", "inductor"],
+        "the tiny world again, with a row for our trainer with `--compile inductor` (its one-time compilation is "
+        "printed apart, not counted in samples/s)",
+    ),
     "tinyworld_targets": (
         ["--n", "200", "--out", "docs/tinyworld_targets.md"],  # relative to the repository (the cwd)
         ["--n", "40", "--scales", "0,0.5,1.0"],
@@ -55,7 +61,18 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], str]] = {
 
 
 def script_of(name: str) -> Path:
-    return HERE / (name.removesuffix("_bf16").removesuffix("_sd15") + ".py")
+    return HERE / (name.removesuffix("_compile").removesuffix("_bf16").removesuffix("_sd15") + ".py")
+
+
+def cpu_model() -> str:
+    """The processor's marketing name where Linux tells it (platform.processor() often says only the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -71,7 +88,7 @@ def main() -> None:
         raise SystemExit(f"unknown benchmarks {unknown}; expected names from {list(BENCHMARKS)}")
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
+    machine = (f"{cpu_model()}, {platform.machine()}, {platform.system()}, Python {platform.python_version()}, "
                f"torch {torch.__version__}, {args.threads} torch thread(s)")  # fmt: skip
     sections = read_sections(Path(args.out)) if args.only else {}  # --only keeps the other benchmarks' sections
     for name in names:

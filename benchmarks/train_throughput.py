@@ -6,6 +6,7 @@ samples/s of each and the ratio.
 
     python benchmarks/train_throughput.py [--base tinyworld] [--samples 256] [--batch-size 16] [--steps 30]
     python benchmarks/train_throughput.py --proportions sd15 --resolution 256 --samples 16 --batch-size 2 --steps 4
+    python benchmarks/train_throughput.py --compile inductor   # adds a row: our trainer with --compile inductor
 
 `--proportions sd15` times SD1.5 + ViT-H/14 with their real depths and half their widths (random weights; see
 `tests/tiny_models.make_proportional_sd15`), so the frozen models' share of a step is the real one. On the tiny
@@ -15,6 +16,7 @@ world the UNet dwarfs its tiny VAE and encoders, which bounds what any cache can
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import sys
 import tempfile
@@ -90,15 +92,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ours(cfg) -> tuple[float, float]:
-    """(samples/s of training steps, seconds spent building the cache once)."""
+def ours(cfg) -> tuple[float, float, float]:
+    """(samples/s of training steps after two warm-up steps, seconds of set-up (loading, building the cache once),
+    seconds of the two warm-up steps (where --compile compiles))."""
     from ipadapter.training import Trainer
 
     trainer = Trainer(cfg, show_progress=False)
     started = time.perf_counter()
     trainer.run()
     total = time.perf_counter() - started
-    return trainer.samples_per_second, total - trainer.loop_seconds
+    timed = (cfg.max_steps - 2) * cfg.batch_size / trainer.samples_per_second
+    return trainer.samples_per_second, total - trainer.loop_seconds, trainer.loop_seconds - timed
 
 
 def main() -> None:
@@ -117,6 +121,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
                         help="both loops: frozen models in this dtype, adapter float32 under autocast")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both loops (decoding)")
+    parser.add_argument("--compile", default="", help="also time our trainer with this torch.compile backend")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate puts our trainer
     if args.threads:
@@ -134,15 +139,24 @@ def main() -> None:
                           cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1,
                           mixed_precision=args.mixed_precision, num_workers=args.workers)  # fmt: skip
         baseline = official_style(cfg, args.steps, device)
-        cached, cache_seconds = ours(cfg)
+        cached, cache_seconds, _ = ours(cfg)
+        if args.compile:
+            cfg = dataclasses.replace(cfg, compile=args.compile, output=str(Path(tmp) / "run-compiled"),
+                                      cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
+            compiled, _, compile_seconds = ours(cfg)
     model = f"SD1.5 + ViT-H proportions (widths x{args.width:g})" if args.proportions else args.base
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
     print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
           f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
-    print(f"{'loop':<44}{'samples/s':>10}")
-    print(f"{'official-style (encoders every step, no cache)':<44}{baseline:>10.2f}")
-    print(f"{'ipadapter train --cache-embeddings':<44}{cached:>10.2f}")
+    print(f"{'loop':<52}{'samples/s':>10}")
+    print(f"{'official-style (encoders every step, no cache)':<52}{baseline:>10.2f}")
+    print(f"{'ipadapter train --cache-embeddings':<52}{cached:>10.2f}")
+    if args.compile:
+        print(f"{'ipadapter train --cache-embeddings --compile ' + args.compile:<52}{compiled:>10.2f}")
     print(f"ratio (ours / official-style): {cached / baseline:.2f}x   (one-time cache build: {cache_seconds:.1f} s)")
+    if args.compile:
+        print(f"ratio with --compile {args.compile}: {compiled / baseline:.2f}x   (two warm-up steps, compiling: "
+              f"{compile_seconds:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -361,10 +361,11 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
 
 def test_two_processes_train_one_checkpoint(world, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); torchrun starts two, and
-    # the trainer then sets Accelerate up for gloo on CPU.
+    # the trainer then sets Accelerate up for gloo on CPU. With --compile: DDP around a compiled UNet call (the
+    # signal test below runs two plain processes).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ipadapter.train",
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
-           "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run")]
+           "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run"), "--compile", "aot_eager"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -464,6 +465,29 @@ def test_recipe_options_run_and_are_recorded(world, tmp_path):
     saved = TrainConfig.from_json((final / "train_config.json").read_text())
     assert saved == cfg
     assert all(torch.isfinite(p).all() for p in load_adapter(final / "adapter.safetensors").parameters())
+
+
+def test_a_compiled_step_trains_the_same_adapter_without_recompiling(world, tmp_path, monkeypatch):
+    """--compile: the UNet's training step through torch.compile (aot_eager here: the same graph capture as inductor,
+    without minutes of C++ compilation on a CI machine) gives the eager run's weights and a plain checkpoint;
+    validation still generates (with the uncompiled UNet); no step recompiles (the adapter's Python state is the
+    same at every entry)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    eager = train(_cfg(world, tmp_path / "eager", max_steps=3), show_progress=False)
+    compiled = train(_cfg(world, tmp_path / "compiled", max_steps=3, compile="aot_eager", validate_every=3,
+                          validation_images=2, validation_steps=2), show_progress=False)  # fmt: skip
+    torch._dynamo.reset()
+    a, b = load_file(str(eager / "adapter.safetensors")), load_file(str(compiled / "adapter.safetensors"))
+    assert set(a) == set(b)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    before = load_file(str(tmp_path / "compiled" / "checkpoint-2" / "adapter.safetensors"))
+    assert any(not torch.equal(before[k], b[k]) for k in b)  # the third compiled step moved the weights
+    assert (tmp_path / "compiled" / "validation" / "step-0000003.png").is_file()
+    with pytest.raises(ValueError, match=r"compile must be a torch.compile backend \(.*inductor.*\), found 'inductr'"):
+        TrainConfig(compile="inductr")
 
 
 def test_bad_settings_are_clear_errors(world, tmp_path):

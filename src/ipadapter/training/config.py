@@ -43,6 +43,7 @@ class TrainConfig:
     cache_embeddings: bool = False  # precompute image-encoder, text-encoder and VAE outputs once to disk
     cache_dir: str = ""  # where the cache lives (default: <output>/cache)
     num_workers: int = 0  # DataLoader worker processes for image decoding
+    compile: str = ""  # torch.compile backend for the UNet's training step: "" (off), "inductor", ... (compiles once first)
     # --- checkpoints and feedback ---
     output: str = "runs/adapter"  # output folder: checkpoints, logs, validation images
     save_every: int = 500  # steps between checkpoints (also saved at the end)
@@ -71,6 +72,13 @@ class TrainConfig:
                      "max_grad_norm", "noise_offset", "weight_decay"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
+        if self.compile:
+            import torch
+
+            backends = torch.compiler.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise ValueError(f"compile must be a torch.compile backend ({', '.join(torch.compiler.list_backends())}; "
+                                 f"'' for none), found {self.compile!r}")  # fmt: skip
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
 

@@ -51,17 +51,24 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 class AdapterTrainingModule(nn.Module):
-    """Frozen UNet + trainable adapter: image features -> tokens -> noise prediction."""
+    """Frozen UNet + trainable adapter: image features -> tokens -> noise prediction.
 
-    def __init__(self, unet: nn.Module, adapter: IPAdapter) -> None:
+    `compile`: a torch.compile backend for the UNet call (the adapter's processors inside it included), or "" for
+    none. Only the training forward is compiled: `self.unet` stays the plain module (validation generates with it,
+    and the state dict keeps its keys). The projection and `set_tokens` stay eager, so that every step enters the
+    compiled code with the same Python state and nothing recompiles."""
+
+    def __init__(self, unet: nn.Module, adapter: IPAdapter, compile: str = "") -> None:
         super().__init__()
         self.unet = unet
         self.adapter = adapter
+        # a plain attribute, not a submodule: the compiled wrapper would list the UNet's weights a second time
+        self.__dict__["run_unet"] = torch.compile(unet, backend=compile) if compile else unet
 
     def forward(self, noisy, timesteps, text, image=None, face_id=None, added_cond_kwargs=None) -> torch.Tensor:
         tokens = self.adapter.project(image=image, face_id=face_id)  # (B, T, C)
         self.adapter.set_tokens(tokens)
-        return self.unet(noisy, timesteps, text, added_cond_kwargs=added_cond_kwargs).sample
+        return self.run_unet(noisy, timesteps, text, added_cond_kwargs=added_cond_kwargs).sample
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -174,7 +181,7 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.module, self.optimizer = acc.prepare(AdapterTrainingModule(models.unet, self.adapter), optimizer)
+        self.module, self.optimizer = acc.prepare(AdapterTrainingModule(models.unet, self.adapter, cfg.compile), optimizer)
         self.step, self.epoch, self.position = 0, 0, 0
         if self.resume_from is not None:
             state = load_training_state(self.resume_from)
