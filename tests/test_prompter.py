@@ -109,3 +109,53 @@ def test_step_window(folders):
     assert abs(late - full).max() > 1e-4 and abs(late - plain).max() > 1e-4
     with pytest.raises(ValueError, match=r"expected 0 <= start <= end <= 1, found start=0.8, end=0.2"):
         adapter.state.set_window(0.8, 0.2)
+
+
+@pytest.mark.parametrize("order", ["attach, then compile", "compile, then attach"])
+def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(folders, order):
+    """pipe.unet = torch.compile(pipe.unet), before or after the adapter is attached: the same images as eager, from
+    one graph for all the steps of a generation (no step recompiles) that a second generation with the same settings
+    reuses; a step window adds two graphs (steps inside it, steps outside), not one per step."""
+    base, encoder_folder, _ = folders
+    ours, _ = _pipes(base, encoder_folder)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference = Image.new("RGB", (28, 28), "red")
+    graphs = []
+
+    def backend(graph, example_inputs):  # counts what dynamo captures and runs it as traced
+        graphs.append(graph)
+        return graph.forward
+
+    def run(**kw):
+        return prompter(image=reference, prompt="a shape", num_inference_steps=4, output_type="np", scale=0.7,
+                        generator=torch.Generator("cpu").manual_seed(2), **kw).images  # fmt: skip
+
+    torch._dynamo.reset()
+    try:
+        if order == "compile, then attach":
+            eager = ImagePrompter(ours, adapter, encoder)
+            expected, expected_window = eager(image=reference, prompt="a shape", num_inference_steps=4, output_type="np",
+                                              scale=0.7, generator=torch.Generator("cpu").manual_seed(2)).images, None
+            eager.detach()
+            ours.unet = torch.compile(ours.unet, backend=backend)
+            prompter = ImagePrompter(ours, adapter, encoder)
+        else:
+            prompter = ImagePrompter(ours, adapter, encoder)
+            expected, expected_window = run(), run(start=0.5)
+            ours.unet = torch.compile(ours.unet, backend=backend)
+        first = run()
+        assert len(graphs) == 1
+        again = run()
+        assert len(graphs) == 1  # nothing recompiled for the same settings
+        assert abs(first - expected).max() <= 1e-6 and abs(again - expected).max() <= 1e-6
+        if expected_window is not None:
+            assert abs(run(start=0.5) - expected_window).max() <= 1e-6
+            assert len(graphs) == 3
+        prompter.detach()
+    finally:
+        torch._dynamo.reset()

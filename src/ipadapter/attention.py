@@ -92,7 +92,8 @@ class ImageBranch:
         is outside the group's window): the branch is then skipped entirely (bit-identical to no adapter, free).
         Kept in `state.plans` until the scales, windows, step or tokens change."""
         state = self.state
-        found = state.plans.get(self.layer_index)
+        keep = not torch.compiler.is_compiling()  # see `PromptState.caching`
+        found = state.plans.get(self.layer_index) if keep else None
         if found is None:
             if not state.groups:
                 state.tokens_for(0)  # raises the error that says how to set an image prompt
@@ -101,7 +102,8 @@ class ImageBranch:
                 scale = state.scale_of(g, self.layer_index)
                 if scale != 0:
                     found.append((g, scale))
-            state.plans[self.layer_index] = found
+            if keep:
+                state.plans[self.layer_index] = found
         return found  # type: ignore[return-value]
 
     @property
@@ -113,7 +115,7 @@ class ImageBranch:
         cache on) built once per generation and kept in `state.plans`. `block_ok`: small layers may take the
         block-diagonal path (False where the merged query is not the attended one, e.g. with norm_q)."""
         state = self.state
-        keep = state.use_cache and not torch.is_grad_enabled()
+        keep = state.caching
         if keep:
             key = (self.layer_index, query.shape, query.dtype, query.device, block_ok)
             found = state.plans.get(key)

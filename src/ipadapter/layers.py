@@ -28,6 +28,9 @@ def attention_layers(unet: nn.Module) -> list[AttentionLayer]:
     """Every attention module of `unet` in `attn_processors` order (the official index order)."""
     if not hasattr(unet, "attn_processors"):
         raise ValueError(f"expected a diffusers UNet with `attn_processors`, found {type(unet).__name__}")
+    # torch.compile(unet) wraps the UNet (its submodules' names then start with "_orig_mod."); the layers are the
+    # wrapped UNet's own, so an adapter attaches the same before or after compiling
+    unet = getattr(unet, "_orig_mod", unet)
     modules = dict(unet.named_modules())
     layers = []
     for index, proc_name in enumerate(unet.attn_processors):

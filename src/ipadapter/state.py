@@ -50,6 +50,7 @@ class TokenGroup:
             )
         if self.window is not None:
             check_window(*self.window)
+            self.window = (float(self.window[0]), float(self.window[1]))  # a list or ints compare as the tuple
         if self.mask is not None:
             if self.mask.ndim != 3 or self.mask.shape[0] not in (1, self.cond.shape[0]):
                 raise ValueError(
@@ -100,6 +101,12 @@ def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     return flat[:, :num_queries, None]
 
 
+def _inside(window: tuple[float, float], progress: tuple[int, int]) -> bool:
+    """Step i of N lies in [start, end] when start <= i/N and (i+1)/N <= end (the official custom pipeline's rule)."""
+    (start, end), (i, n) = window, progress
+    return start <= i / n and (i + 1) / n <= end
+
+
 class PromptState:
     """Run-time inputs of one adapter, shared by all of its attention processors."""
 
@@ -109,6 +116,7 @@ class PromptState:
         self.layer_scales: list[float] = [1.0] * num_layers  # λ of each adapted layer (groups without their own)
         self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
         self._progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
+        self._inside: dict[tuple[float, float], bool] | None = None  # each window: does it hold that step?
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
         self._cache: dict[tuple, object] = {}  # image keys/values and masks, kept until the tokens change
         # What each attached layer does now (`attention.ImageBranch.acting` / `terms`), derived from the above and
@@ -161,10 +169,18 @@ class PromptState:
                 "`adapter.set_tokens(...)` first; to run the plain model, `detach()` the adapter"
             )
 
+    @property
+    def caching(self) -> bool:
+        """Whether work is kept across UNet calls (`_cache`, `plans`): with the cache on, outside autograd, and not
+        while torch.compile traces. A compiled UNet computes the image keys and values inside its graph at every
+        step instead (a few small matmuls), so that each call enters it with the same Python state: keeping them
+        would make the first call of a generation a graph of its own and put dict contents into its guards."""
+        return self.use_cache and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
     def tokens_for(self, batch_size: int, group: int = 0) -> torch.Tensor:
         """The (batch_size, T, C) tokens of `group` matching a UNet batch of `batch_size` rows."""
         self._check_set()
-        keep = self.use_cache and not torch.is_grad_enabled()
+        keep = self.caching
         key = ("tokens", group, batch_size)
         found = self._cache.get(key) if keep else None
         if found is None:
@@ -180,13 +196,15 @@ class PromptState:
         if g.mask is None:
             return None
         key = ("mask", group, batch_size, num_queries)
-        found = self._cache.get(key)
+        keep = self.caching
+        found = self._cache.get(key) if keep else None
         if found is None:
             small = downsample_mask(g.mask, num_queries)  # (N or 1, Q, 1)
             if small.shape[0] == 1 and g.cond.shape[0] > 1:
                 small = small.expand(g.cond.shape[0], -1, -1)
             found = rows_for(small, None, batch_size, cfg=g.uncond is not None)
-            self._cache[key] = found
+            if keep:
+                self._cache[key] = found
         return found  # type: ignore[return-value]
 
     # ---- scales -------------------------------------------------------------------------------------------------
@@ -224,6 +242,10 @@ class PromptState:
     def progress(self, value: tuple[int, int] | None) -> None:
         if value != self._progress:
             self._progress = value
+            # whether the step lies inside each window set now, decided here, outside the UNet: a compiled UNet
+            # then sees one flag per window (two graphs: inside, outside) rather than the step number (one per step)
+            windows = {self.window, *(g.window for g in self.groups if g.window is not None)}
+            self._inside = None if value is None else {w: _inside(w, value) for w in windows}
             if self.windowed:
                 self.plans.clear()  # which groups act may change with the step
 
@@ -233,18 +255,16 @@ class PromptState:
         return self.window != (0.0, 1.0) or any(g.window not in (None, (0.0, 1.0)) for g in self.groups)
 
     def in_window(self, window: tuple[float, float] | None = None) -> bool:
-        start, end = self.window if window is None else window
-        if self.progress is None or (start, end) == (0.0, 1.0):
+        window = self.window if window is None else window
+        if window == (0.0, 1.0) or self._inside is None:  # the whole denoising, or no step tracked
             return True
-        i, n = self.progress
-        return start <= i / n and (i + 1) / n <= end
+        inside = self._inside.get(window)
+        return _inside(window, self._progress) if inside is None else inside  # (a window set during the steps)
 
     # ---- key/value cache ----------------------------------------------------------------------------------------
     def cached(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self.use_cache or torch.is_grad_enabled():
-            return None
-        return self._cache.get(key)  # type: ignore[return-value]
+        return self._cache.get(key) if self.caching else None  # type: ignore[return-value]
 
     def store(self, key: tuple, kv: tuple[torch.Tensor, torch.Tensor]) -> None:
-        if self.use_cache and not torch.is_grad_enabled():
+        if self.caching:
             self._cache[key] = kv
