@@ -83,8 +83,8 @@ def test_each_prompt_keeps_its_own_reference(folders):
         prompter(image=refs[0], negative_image=refs[1], negative_noise=0.3, prompt="a shape", **common)
 
 
-def test_step_window(folders):
-    """0..0 is exactly no adapter; 0..1 is exactly the default; a partial window lies in between."""
+def _perturbed_base_adapter(folders):
+    """Our pipeline with a base adapter whose weights are moved off the to_k/to_v copies (so that it acts)."""
     base, encoder_folder, _ = folders
     ours, _ = _pipes(base, encoder_folder)
     encoder = ImageEncoder.from_pretrained(encoder_folder)
@@ -93,6 +93,12 @@ def test_step_window(folders):
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return ours, adapter, encoder
+
+
+def test_step_window(folders):
+    """0..0 is exactly no adapter; 0..1 is exactly the default; a partial window lies in between."""
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
     reference = Image.new("RGB", (28, 28), "red")
     common = {"prompt": "a shape", "num_inference_steps": 4, "output_type": "np"}
 
@@ -116,14 +122,7 @@ def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(folders, or
     """pipe.unet = torch.compile(pipe.unet), before or after the adapter is attached: the same images as eager, from
     one graph for all the steps of a generation (no step recompiles) that a second generation with the same settings
     reuses; a step window adds two graphs (steps inside it, steps outside), not one per step."""
-    base, encoder_folder, _ = folders
-    ours, _ = _pipes(base, encoder_folder)
-    encoder = ImageEncoder.from_pretrained(encoder_folder)
-    torch.manual_seed(0)
-    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
     reference = Image.new("RGB", (28, 28), "red")
     graphs = []
 
