@@ -1,6 +1,7 @@
 """Inference overhead of the image prompt: seconds per denoising step (one CFG UNet call), side by side in one run.
 
     python benchmarks/inference_overhead.py [--models tinyworld,sd15] [--seconds 60] [--steps tinyworld=25,sd15=4]
+    python benchmarks/inference_overhead.py --models sd15 --device cuda --dtype float16 --sd15-resolution 512
 
 For each model: the plain UNet, the UNet with our adapter (image keys/values cached across steps), the same with
 every layer's image attention through SDPA (what narrow layers do instead: `attention.SMALL_LAYER_WIDTH`), and the
@@ -29,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def load_model(name: str):
+def load_model(name: str, sd15_resolution: int = 256):
     """(unet, latent size, image embed dim, text tokens) for 'tinyworld' or 'sd15' (real SD1.5 config, random
-    weights); text tokens: the length of the model's prompt embeddings (its tokenizer's model_max_length)."""
+    weights, images of `sd15_resolution` pixels); text tokens: the length of the model's prompt embeddings (its
+    tokenizer's model_max_length)."""
     from diffusers import UNet2DConditionModel
 
     if name == "tinyworld":
@@ -47,15 +49,23 @@ def load_model(name: str):
 
         cfg = {k: v for k, v in reference_json("sd15/unet_config.json").items() if not k.startswith("_")}
         torch.manual_seed(0)
-        return UNet2DConditionModel(**cfg).eval(), 32, 1024, 77  # 256x256 images
+        return UNet2DConditionModel(**cfg).eval(), sd15_resolution // 8, 1024, 77
     raise ValueError(f"unknown model {name!r}; expected tinyworld or sd15")
 
 
+def synchronize() -> None:
+    """Waits for queued GPU work (a CUDA call returns before its kernels finish)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_calls(fn, calls: int) -> float:
-    """Mean seconds per call over `calls` calls."""
+    """Mean seconds per call over `calls` calls, queued device work included."""
+    synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / calls
 
 
@@ -78,20 +88,23 @@ def rounds(runs: dict, seconds: float, min_rounds: int, calls: int, warm: bool) 
 
 
 @torch.no_grad()
-def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int) -> dict[str, dict[str, list[float]]]:
+def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int, device: str = "cpu",
+          dtype: torch.dtype = torch.float32, sd15_resolution: int = 256) -> dict[str, dict[str, list[float]]]:
     """{"pipeline": per-round seconds per denoising step of whole generations, "unet": per-round seconds per UNet
-    call}, for each configuration."""
+    call}, for each configuration; every model and input on `device` in `dtype`."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ipadapter import IPAdapter
 
-    unet, size, embed_dim, text_tokens = load_model(name)
+    unet, size, embed_dim, text_tokens = load_model(name, sd15_resolution)
+    unet.to(device, dtype)
     cross = unet.config.cross_attention_dim
     theirs = copy.deepcopy(unet)
     plain = copy.deepcopy(unet)
     sdpa_unet = copy.deepcopy(unet)  # ours again, every layer's image attention through SDPA
     torch.manual_seed(1)
     adapter = IPAdapter.for_unet(unet, "base", image_embed_dim=embed_dim)
+    adapter.to(device, dtype)
     sdpa_adapter = copy.deepcopy(adapter)
 
     def pipeline(u):
@@ -108,10 +121,10 @@ def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int) ->
         pipes["diffusers IP-Adapter"].load_ip_adapter(tmp, subfolder="", weight_name="ip.safetensors",
                                                       image_encoder_folder=None)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, size, size, generator=g)  # a CFG batch
-    text = torch.randn(2, text_tokens, cross, generator=g)  # [negative, positive] prompt embeddings
-    embeds = torch.randn(2, 1, embed_dim, generator=g)  # [unconditional, reference] image embeddings
-    t = torch.tensor(500)
+    latents = torch.randn(2, 4, size, size, generator=g).to(device, dtype)  # a CFG batch
+    text = torch.randn(2, text_tokens, cross, generator=g).to(device, dtype)  # [negative, positive] prompt embeddings
+    embeds = torch.randn(2, 1, embed_dim, generator=g).to(device, dtype)  # [unconditional, reference] image embeddings
+    t = torch.tensor(500, device=device)
     adapter.attach(unet)
     sdpa_adapter.attach(sdpa_unet)
     from ipadapter import attention
@@ -174,6 +187,9 @@ def main() -> None:
     parser.add_argument("--steps", default="tinyworld=25,sd15=4",
                         help="denoising steps of the timed generations, per model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--sd15-resolution", type=int, default=256, help="image size of the sd15 model's runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,9 +197,11 @@ def main() -> None:
     results = {}
     for name in args.models.split(","):
         name = name.strip()
-        results[name] = bench(name, args.seconds, args.min_rounds, args.calls, int(steps.get(name, 4)))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians over rounds; overheads: median of "
-          "the rounds' ratios [interquartile range]")
+        results[name] = bench(name, args.seconds, args.min_rounds, args.calls, int(steps.get(name, 4)), args.device,
+                              getattr(torch, args.dtype), args.sd15_resolution)  # fmt: skip
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}, sd15 at {args.sd15_resolution}px; medians over rounds; "
+          "overheads: median of the rounds' ratios [interquartile range]")
     for table, title in (("pipeline", "seconds per denoising step (whole generations: DDIM, guidance 7.5, prompt "
                                       "and image embeddings given, latents out; ours sets its image prompt in each)"),
                          ("unet", "seconds per UNet call (one CFG batch)")):
