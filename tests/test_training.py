@@ -496,6 +496,12 @@ def test_a_compiled_step_trains_the_same_adapter_without_recompiling(world, tmp_
     assert (tmp_path / "compiled" / "validation" / "step-0000002.png").is_file()  # and step 3 did not recompile
     with pytest.raises(ValueError, match=r"compile must be a torch.compile backend \(.*inductor.*\), found 'inductr'"):
         TrainConfig(compile="inductr")
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-compiler++",))  # a machine without one
+    with pytest.raises(ValueError, match=r"--compile inductor on a CPU needs a C\+\+ compiler .*found none"):
+        train(_cfg(world, tmp_path / "no-compiler", compile="inductor"), show_progress=False)
+    assert not (tmp_path / "no-compiler").exists()  # refused before any model work
 
 
 def test_bad_settings_are_clear_errors(world, tmp_path):
