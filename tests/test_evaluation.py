@@ -58,6 +58,45 @@ def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert lines_after[2]["per_image_clip_i"] == json.loads(lines[2])["per_image_clip_i"]
 
 
+COUNTED_GRAPHS: list = []  # what `_counting_backend` was given
+
+
+def _counting_backend(graph, example_inputs):
+    """A torch.compile backend that records each graph dynamo captures and runs it as traced."""
+    COUNTED_GRAPHS.append(graph)
+    return graph.forward
+
+
+def test_eval_clip_with_a_compiled_unet_gives_the_same_scores(tmp_path, capsys):
+    """--compile: the UNet through torch.compile (here a registered backend that counts dynamo's graphs and runs
+    them as traced: inductor's capture without its C++ compilation) scores every image as the eager run does, with
+    one graph for every step of every pair; an unknown backend is named before any model loads."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "ipadapter_test_counting" not in list_backends(exclude_tags=()):
+        register_backend(_counting_backend, name="ipadapter_test_counting")
+    graphs = COUNTED_GRAPHS
+    graphs.clear()
+    args = ["eval", "clip", "--data", "tinyworld:2:7", "--images-per-pair", "2", "--steps", "2"]
+    torch._dynamo.reset()
+    try:
+        assert main([*args, "--out", str(tmp_path / "eager")]) == 0
+        assert main([*args, "--out", str(tmp_path / "compiled"), "--compile", "ipadapter_test_counting"]) == 0
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1  # two pairs x two steps, one graph
+
+    def scores(name):
+        return [json.loads(line)["per_image_clip_i"] for line in (tmp_path / name / "results.rank0.jsonl").read_text().splitlines()]
+
+    assert len(scores("compiled")) == 2
+    assert torch.allclose(torch.tensor(scores("compiled")), torch.tensor(scores("eager")), atol=1e-5)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "--compile", "inductr"]) != 0
+    assert "--compile must be a torch.compile backend (" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_eval_clip_counts_unreadable_references_and_fails_when_none_is_left(tmp_path, capsys):
     render(_scene()).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")

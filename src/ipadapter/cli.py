@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="torch device (default: cpu)")
     e.add_argument("--dtype", help="weights dtype of the generating models: float32 (default), float16, bfloat16; "
                    "the scoring CLIP stays float32")
+    e.add_argument("--compile", help="torch.compile the UNet with this backend (e.g. inductor): one graph serves "
+                   "every pair; pays on GPUs for long evaluations")  # fmt: skip
     e.set_defaults(func=cmd_eval_clip)
     e = esub.add_parser("tinyworld", help="concept preservation (CP), prompt following (PF) and CP x PF")
     e.add_argument("--adapter", default="tinyworld-base", help="tinyworld-base, tinyworld-plus or an adapter file")

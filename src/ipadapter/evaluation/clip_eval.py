@@ -44,10 +44,12 @@ class ClipEvalConfig:
     out: str = "eval-clip"  # output folder
     device: str = "cpu"  # where to run
     dtype: str = "float32"  # weights of the generating models (float16 / bfloat16); the scoring CLIP stays float32
+    compile: str = ""  # torch.compile backend for the UNet ("inductor"; "" = off): one graph serves every pair
 
     def __post_init__(self) -> None:
         """Values are checked here, before any model is loaded; files in `check_files`."""
         from ..blocks import PRECISE, PRESETS
+        from ..compiling import check_backend
         from ..sources import parse_dtype
 
         for name, low in (("images_per_pair", 1), ("limit", 0), ("steps", 1)):
@@ -59,6 +61,7 @@ class ClipEvalConfig:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, found {value}")
         parse_dtype(self.dtype)
+        check_backend(self.compile, "--compile")
         if self.preset and self.preset not in (*PRESETS, *PRECISE):
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
 
@@ -147,6 +150,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from ..adapter import IPAdapter
+    from ..compiling import check_requirements
     from ..encoders import ImageEncoder
     from ..prompter import ImagePrompter
     from ..sources import load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
@@ -158,6 +162,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     if cfg.limit:
         records = records[: cfg.limit]
     adapter_path = resolve_adapter(cfg.adapter)
+    check_requirements(cfg.compile, torch.device(cfg.device).type)
     scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
     state = _process_state(cfg.device)
     out = Path(cfg.out)
@@ -173,6 +178,8 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
         if not encoder_path:
             raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
         prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, dtype=dtype, device=cfg.device))
+        if cfg.compile:  # every pair has the same settings: one graph for all (docs/controls.md, torch.compile)
+            pipe.unet = torch.compile(pipe.unet, backend=cfg.compile)
         kwargs = {}
         if cfg.steps is not None:
             kwargs["num_inference_steps"] = cfg.steps

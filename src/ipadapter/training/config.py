@@ -73,12 +73,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, found {getattr(self, name)}")
         if self.compile:
-            import torch
+            from ..compiling import check_backend
 
-            backends = torch.compiler.list_backends(exclude_tags=())
-            if self.compile not in backends:
-                raise ValueError(f"compile must be a torch.compile backend ({', '.join(torch.compiler.list_backends())}; "
-                                 f"'' for none), found {self.compile!r}")  # fmt: skip
+            check_backend(self.compile)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ..adapter import IPAdapter
 from ..checkpoint import load_adapter
+from ..compiling import check_requirements
 from ..variants import get_variant
 from .cache import EmbeddingCache, build_cache, fingerprint
 from .checkpointing import check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint
@@ -139,30 +140,9 @@ class Trainer:
     def _weight_dtype(self) -> torch.dtype:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.mixed_precision, torch.float32)
 
-    def _check_compile(self) -> None:
-        """`--compile inductor` needs a C++ compiler (CPU) or Triton (GPU). Checked before any model loads: torch
-        would find either missing only in the first step, after the models are loaded and the cache is built."""
-        if self.cfg.compile != "inductor":
-            return
-        if self.accelerator.device.type == "cuda":
-            import importlib.util
-
-            if importlib.util.find_spec("triton") is None:
-                raise ValueError("--compile inductor on a GPU needs Triton (pip install triton); found it not installed")
-            return
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-        except ImportError:  # another torch layout: leave the check to torch
-            return
-        try:
-            get_cpp_compiler()
-        except RuntimeError as error:
-            raise ValueError(f"--compile inductor on a CPU needs a C++ compiler (g++ or clang++ on PATH, or "
-                             f"torch._inductor.config.cpp.cxx); found none ({error})") from error  # fmt: skip
-
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
-        self._check_compile()
+        check_requirements(cfg.compile, acc.device.type)  # before any model work
         self.resume_from = resolve_resume(self.output, cfg.resume)
         if self.resume_from is None and list_checkpoints(self.output):
             raise ValueError(
