@@ -7,6 +7,7 @@ samples/s of each and the ratio.
     python benchmarks/train_throughput.py [--base tinyworld] [--samples 256] [--batch-size 16] [--steps 30]
     python benchmarks/train_throughput.py --proportions sd15 --resolution 256 --samples 16 --batch-size 2 --steps 4
     python benchmarks/train_throughput.py --compile inductor   # adds a row: our trainer with --compile inductor
+    python benchmarks/train_throughput.py --row channels_last=true --row compile=inductor,channels_last=true
 
 `--proportions sd15` times SD1.5 + ViT-H/14 with their real depths and half their widths (random weights; see
 `tests/tiny_models.make_proportional_sd15`), so the frozen models' share of a step is the real one. On the tiny
@@ -92,6 +93,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def flops_per_sample(cfg) -> dict[str, float] | None:
+    """FLOPs of one training sample in each model, counted on the meta device (shapes only, no compute): what each
+    loop runs per sample, hence the most any cache can save where time follows FLOPs. None for SDXL bases."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ipadapter import IPAdapter
+    from ipadapter.training.models import load_frozen_models
+
+    models = load_frozen_models(cfg.base, cfg.image_encoder, True)
+    if models.is_sdxl:
+        return None
+    unet, vae, encoder, text = models.unet, models.vae, models.image_encoder.model, models.text_encoders[0]
+    for module in (unet, vae, encoder, text):
+        module.to("meta")
+    with torch.device("meta"):
+        adapter = IPAdapter.for_unet(unet, "base", image_embed_dim=models.image_encoder.pooled_dim).attach(unet)
+        side = encoder.config.image_size
+        latent = cfg.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        pixels, clip = torch.randn(1, 3, cfg.resolution, cfg.resolution), torch.randn(1, 3, side, side)
+        ids = torch.zeros(1, models.tokenizers[0].model_max_length, dtype=torch.long)
+        noisy = torch.randn(1, unet.config.in_channels, latent, latent)
+        states = torch.randn(1, ids.shape[1], unet.config.cross_attention_dim)
+        embeds = torch.randn(1, models.image_encoder.pooled_dim)
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def unet_step() -> None:  # forward and backward, as a training step runs them
+        adapter.set_tokens(adapter.project(image=embeds))
+        unet(noisy, torch.zeros(1, dtype=torch.long, device="meta"), states).sample.float().pow(2).mean().backward()
+
+    with torch.no_grad():
+        frozen = {"VAE encoder": count(lambda: vae.encode(pixels)), "image encoder": count(lambda: encoder(clip)),
+                  "text encoder": count(lambda: text(ids))}  # fmt: skip
+    return {**frozen, "UNet + adapter step": count(unet_step)}
+
+
 def ours(cfg) -> tuple[float, float, float]:
     """(samples/s of training steps after two warm-up steps, seconds of set-up (loading, building the cache once),
     seconds of the two warm-up steps (where --compile compiles))."""
@@ -103,6 +143,26 @@ def ours(cfg) -> tuple[float, float, float]:
     total = time.perf_counter() - started
     timed = (cfg.max_steps - 2) * cfg.batch_size / trainer.samples_per_second
     return trainer.samples_per_second, total - trainer.loop_seconds, trainer.loop_seconds - timed
+
+
+def parse_row(spec: str) -> dict:
+    """'compile=inductor,channels_last=true' -> TrainConfig fields, typed as the fields' defaults are."""
+    from ipadapter.training import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    fields = {}
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        if name not in defaults or not value:
+            raise SystemExit(f"--row {spec!r}: expected FIELD=VALUE pairs of TrainConfig fields, found {part!r}")
+        kind = type(defaults[name])
+        fields[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return fields
+
+
+def row_label(fields: dict) -> str:
+    flags = "".join(f" --{k.replace('_', '-')} {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
+    return "ipadapter train --cache-embeddings" + flags
 
 
 def main() -> None:
@@ -121,8 +181,13 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
                         help="both loops: frozen models in this dtype, adapter float32 under autocast")  # fmt: skip
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of both loops (decoding)")
-    parser.add_argument("--compile", default="", help="also time our trainer with this torch.compile backend")
+    parser.add_argument("--compile", default="", help="also time our trainer with this torch.compile backend "
+                        "(the same as --row compile=BACKEND)")  # fmt: skip
+    parser.add_argument("--row", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE...]",
+                        help="also time our trainer with these TrainConfig fields changed, e.g. channels_last=true "
+                        "or compile=inductor,channels_last=true (repeatable)")  # fmt: skip
     args = parser.parse_args()
+    rows = ([{"compile": args.compile}] if args.compile else []) + [parse_row(spec) for spec in args.row]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate puts our trainer
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,23 +205,32 @@ def main() -> None:
                           mixed_precision=args.mixed_precision, num_workers=args.workers)  # fmt: skip
         baseline = official_style(cfg, args.steps, device)
         cached, cache_seconds, _ = ours(cfg)
-        if args.compile:
-            cfg = dataclasses.replace(cfg, compile=args.compile, output=str(Path(tmp) / "run-compiled"),
-                                      cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
-            compiled, _, compile_seconds = ours(cfg)
+        timed = []  # (label, samples/s, seconds of the two warm-up steps, fields)
+        for i, fields in enumerate(rows):
+            row_cfg = dataclasses.replace(cfg, **fields, output=str(Path(tmp) / f"run-{i}"),
+                                          cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
+            rate, _, warmup = ours(row_cfg)
+            timed.append((row_label(fields), rate, warmup, fields))
+        flops = flops_per_sample(cfg)
     model = f"SD1.5 + ViT-H proportions (widths x{args.width:g})" if args.proportions else args.base
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
     print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
           f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
-    print(f"{'loop':<52}{'samples/s':>10}")
-    print(f"{'official-style (encoders every step, no cache)':<52}{baseline:>10.2f}")
-    print(f"{'ipadapter train --cache-embeddings':<52}{cached:>10.2f}")
-    if args.compile:
-        print(f"{'ipadapter train --cache-embeddings --compile ' + args.compile:<52}{compiled:>10.2f}")
+    width = max(52, *(len(label) + 2 for label, *_ in timed))
+    print(f"{'loop':<{width}}{'samples/s':>10}")
+    print(f"{'official-style (encoders every step, no cache)':<{width}}{baseline:>10.2f}")
+    print(f"{'ipadapter train --cache-embeddings':<{width}}{cached:>10.2f}")
+    for label, rate, _, _ in timed:
+        print(f"{label:<{width}}{rate:>10.2f}")
     print(f"ratio (ours / official-style): {cached / baseline:.2f}x   (one-time cache build: {cache_seconds:.1f} s)")
-    if args.compile:
-        print(f"ratio with --compile {args.compile}: {compiled / baseline:.2f}x   (two warm-up steps, compiling: "
-              f"{compile_seconds:.1f} s)")
+    if flops is not None:
+        cached_flops = flops["UNet + adapter step"]
+        print("GFLOPs per sample (counted, not timed): " + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in flops.items())
+              + f"; FLOP ratio (official-style / cached): {sum(flops.values()) / cached_flops:.2f}x")
+    for label, rate, warmup, fields in timed:
+        compiling = f", compiling: {warmup:.1f} s" if fields.get("compile") else f": {warmup:.1f} s"
+        print(f"ratio with{label.removeprefix('ipadapter train --cache-embeddings')}: {rate / baseline:.2f}x   "
+              f"(two warm-up steps{compiling})")
 
 
 if __name__ == "__main__":

@@ -504,6 +504,33 @@ def test_a_compiled_step_trains_the_same_adapter_without_recompiling(world, tmp_
     assert not (tmp_path / "no-compiler").exists()  # refused before any model work
 
 
+def test_channels_last_trains_the_same_adapter_in_nhwc(world, tmp_path):
+    """--channels-last: the UNet's weights and the noisy latents it gets are NHWC, and the run trains the adapter the
+    default memory format trains (the same arithmetic in another layout, up to float rounding)."""
+    # from the cache: its latents are stored NCHW (a CPU VAE's output may already be NHWC, which would test nothing)
+    plain = train(_cfg(world, tmp_path / "plain", max_steps=3, cache_embeddings=True), show_progress=False)
+    trainer = Trainer(_cfg(world, tmp_path / "nhwc", max_steps=3, cache_embeddings=True, channels_last=True,
+                           cache_dir=str(tmp_path / "plain" / "cache")), show_progress=False)  # fmt: skip
+    seen: list[bool] = []
+    setup = trainer.setup
+
+    def setup_and_watch() -> None:
+        setup()
+        unet = trainer.models.unet
+        assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        unet.conv_in.register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    trainer.setup = setup_and_watch
+    nhwc = trainer.run()
+    assert seen == [True] * 3  # one UNet call per step, each on NHWC latents
+    a, b = load_file(str(plain / "adapter.safetensors")), load_file(str(nhwc / "adapter.safetensors"))
+    # convolutions sum in another order; through Adam (which scales near-zero gradients up to steps of about the
+    # learning rate, 1e-4) that leaves differences up to 2e-6 after 3 steps, which moved the weights by up to 3e-4
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5) for k in a)
+    assert TrainConfig.from_json((nhwc / "train_config.json").read_text()).channels_last
+
+
 def test_bad_settings_are_clear_errors(world, tmp_path):
     with pytest.raises(ValueError, match=r"drop probabilities must sum to a value in \[0, 1\], found 1.5"):
         TrainConfig(drop_image=0.5, drop_text=0.5, drop_both=0.5)

@@ -44,6 +44,7 @@ class TrainConfig:
     cache_dir: str = ""  # where the cache lives (default: <output>/cache)
     num_workers: int = 0  # DataLoader worker processes for image decoding
     compile: str = ""  # torch.compile backend for the UNet's training step: "" (off), "inductor", ... (compiles once first)
+    channels_last: bool = False  # UNet weights and activations in channels-last (NHWC) memory format (GPU convolutions)
     # --- checkpoints and feedback ---
     output: str = "runs/adapter"  # output folder: checkpoints, logs, validation images
     save_every: int = 500  # steps between checkpoints (also saved at the end)

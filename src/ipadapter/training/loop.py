@@ -153,6 +153,8 @@ class Trainer:
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
+        if cfg.channels_last:  # the same values; cuDNN's tensor-core convolutions work in NHWC without transposes
+            models.unet.to(memory_format=torch.channels_last)
         self.models = models
         embed_dim = models.image_encoder.feature_dim(self.feature) if models.image_encoder is not None else None
         if cfg.init_adapter:
@@ -338,7 +340,10 @@ class Trainer:
         def put(x: torch.Tensor) -> torch.Tensor:
             return to_device(x, device)
 
-        kwargs: dict = {"noisy": put(noisy), "timesteps": put(timesteps), "text": put(text).float()}
+        noisy = put(noisy)
+        if cfg.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        kwargs: dict = {"noisy": noisy, "timesteps": put(timesteps), "text": put(text).float()}
         if image is not None:
             kwargs["image"] = put(image).float()
         if "face_id" in batch:

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The real-scale checks that need a GPU, in two parts that each fit one device command (10 minutes) and leave room in
+# a 15-minute device budget for one rerun:
+#
+#   bash benchmarks/gpu_checks.sh train      # issue 4: samples/s at real SD1.5 + ViT-H size, 512 px, bf16 (~6 min)
+#   bash benchmarks/gpu_checks.sh inference  # issue 5: seconds per denoising step, fp16, SD1.5 at 512 (~4 min)
+#
+# Logs go to $OUT (the device tool's folder that comes back) or ./gpu-checks. `GPU_CHECKS_SMOKE=1` runs the same
+# plumbing at tiny sizes on whatever device there is (a CPU check of this script, seconds to minutes).
+#
+# The device machine's image has torch, transformers and accelerate but not diffusers. Before the first call, here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
+# and call the device with carry [".whl"]; this script installs them into /tmp/site when diffusers is missing.
+set -u -o pipefail
+part=${1:?usage: gpu_checks.sh train|inference}
+out=${OUT:-gpu-checks}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+if ! $py -c "import diffusers" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "diffusers is not installed and no .whl folder was carried (see the header of this script)" >&2
+        exit 2
+    fi
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+$py - <<'EOF' | tee "$out/environment.txt"
+import platform, torch, diffusers, transformers
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"{gpu}; Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+      f"transformers {transformers.__version__}")
+EOF
+
+if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
+    train=(--proportions sd15 --width 0.5 --resolution 128 --samples 8 --batch-size 2 --steps 2 --workers 2)
+    inference=(--models tinyworld --seconds 2 --min-rounds 2)
+    compile=aot_eager
+else
+    train=(--proportions sd15 --width 1.0 --resolution 512 --mixed-precision bf16 --samples 64 --batch-size 8
+           --steps 20 --workers 8)
+    inference=(--models tinyworld,sd15 --dtype float16 --sd15-resolution 512 --seconds 60 --min-rounds 6)
+    compile=inductor
+fi
+device=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+case $part in
+    train)
+        # our trainer with the cache (eager, compiled, channels-last) vs the tutorial_train.py-style loop, and the
+        # FLOPs of each model per sample (what a cache can save where time follows FLOPs)
+        $py benchmarks/train_throughput.py "${train[@]}" --compile "$compile" --row channels_last=true 2>&1 | tee "$out/train_throughput.txt"
+        ;;
+    inference)
+        $py benchmarks/inference_overhead.py "${inference[@]}" --device "$device" 2>&1 | tee "$out/inference_overhead.txt"
+        ;;
+    *)
+        echo "unknown part $part (train or inference)" >&2
+        exit 2
+        ;;
+esac
