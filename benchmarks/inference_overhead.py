@@ -12,13 +12,16 @@ it at every step), and seconds per UNet call (the adapter's cost alone, the stri
 
 Each round times every configuration once (the order rotating from round to round) so that machine noise hits them
 alike; rounds repeat for `--seconds` per model and table. Reported: the median over rounds of the time, and of each
-round's overhead ratio, with the interquartile range of those ratios in brackets (how much the machine moved).
+round's overhead ratio, with the interquartile range of those ratios in brackets (how much the machine moved), and
+under each table the target's verdict from 95% confidence intervals of the medians (how precisely the rounds fix
+them): a target is met only when the whole interval is on its side.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
@@ -171,11 +174,45 @@ def bench(name: str, seconds: float, min_rounds: int, calls: int, steps: int, de
             "unet": rounds(unet_runs, seconds, min_rounds, calls, warm=True)}
 
 
+def percents(times: dict[str, list[float]], key: str) -> list[float]:
+    """Each round's overhead of `key` over the plain UNet, in percent."""
+    return [100 * (t / base - 1) for t, base in zip(times[key], times["plain UNet"])]
+
+
 def overhead(times: dict[str, list[float]], key: str) -> str:
     """Median over rounds of (key / plain - 1), with the interquartile range: '+1.2% [+0.8, +1.6]'."""
-    ratios = [100 * (t / base - 1) for t, base in zip(times[key], times["plain UNet"])]
-    q1, q2, q3 = statistics.quantiles(ratios, n=4)
+    q1, q2, q3 = statistics.quantiles(percents(times, key), n=4)
     return f"{q2:+.1f}% [{q1:+.1f}, {q3:+.1f}]"
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: the order statistics x_(j) <= x_(n+1-j) with the largest
+    j whose interval covers the median with probability >= `level` (the count of rounds below the median is
+    Binomial(n, 1/2)). None when n is too small for that level (n < 6 at 95%)."""
+    x, n = sorted(values), len(values)
+    below = 0.0  # P(B <= j - 1) for B ~ Binomial(n, 1/2)
+    best = None
+    for j in range(1, n // 2 + 1):
+        below += math.comb(n, j - 1) / 2**n
+        if 1 - 2 * below < level:
+            break
+        best = (x[j - 1], x[n - j])
+    return best
+
+
+def verdict(times: dict[str, list[float]], target: float = 2.0) -> str:
+    """Whether ours is <= `target` percent and below diffusers', decided by 95% intervals of the medians: of our
+    overhead, and of the per-round difference between ours and diffusers' (paired: the same round's plain UNet)."""
+    ours = median_interval(percents(times, "ipadapter"))
+    diff = median_interval([a - b for a, b in zip(percents(times, "ipadapter"), percents(times, "diffusers IP-Adapter"))])
+    if ours is None or diff is None:
+        return "too few rounds for 95% intervals"
+
+    def decide(interval, bound) -> str:
+        return "yes" if interval[1] <= bound else "no" if interval[0] > bound else "undecided"
+
+    return (f"ours <= {target:g}%: {decide(ours, target)} (95% interval of the median {ours[0]:+.1f}, {ours[1]:+.1f}); "
+            f"below diffusers': {decide(diff, 0.0)} (ours minus diffusers' {diff[0]:+.1f}, {diff[1]:+.1f} points)")
 
 
 def main() -> None:
@@ -216,6 +253,9 @@ def main() -> None:
             print(f"| {label} | {len(t['plain UNet'])} | {med['plain UNet']:.4f} | {med['ipadapter']:.4f} | "
                   f"{med['diffusers IP-Adapter']:.4f} | {overhead(t, 'ipadapter')} | "
                   f"{overhead(t, 'diffusers IP-Adapter')} | {overhead(t, 'ipadapter, SDPA only')} |")
+        print()
+        for name, r in results.items():
+            print(f"target, {name}: {verdict(r[table])}")
 
 
 if __name__ == "__main__":
