@@ -216,7 +216,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
     print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
           f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
-    width = max(52, *(len(label) + 2 for label, *_ in timed))
+    width = max([52] + [len(label) + 2 for label, *_ in timed])
     print(f"{'loop':<{width}}{'samples/s':>10}")
     print(f"{'official-style (encoders every step, no cache)':<{width}}{baseline:>10.2f}")
     print(f"{'ipadapter train --cache-embeddings':<{width}}{cached:>10.2f}")
