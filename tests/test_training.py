@@ -376,6 +376,86 @@ def test_two_processes_train_one_checkpoint(world, tmp_path):
     assert state["processes"] == 2  # really two processes (gloo), not one
 
 
+def test_deepspeed_settings_come_from_the_run_and_what_cannot_work_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from ipadapter.training import zero
+
+    def accelerator(**config):
+        plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                                   "train_micro_batch_size_per_gpu": "auto", **config})  # fmt: skip
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), gradient_accumulation_steps=1,
+                               gradient_state=SimpleNamespace(plugin_kwargs={"num_steps": 1}))  # fmt: skip
+
+    acc = accelerator(gradient_accumulation_steps=1)  # what `accelerate config` writes
+    zero.configure(acc, batch_size=8, gradient_accumulation=4, max_grad_norm=1.0)
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["gradient_clipping"]) == (8, 4, 1.0)
+    assert "train_batch_size" not in config and acc.gradient_accumulation_steps == 4
+    with pytest.raises(ValueError, match=r"sets train_micro_batch_size_per_gpu = 16, this run's --batch-size is 8"):
+        zero.configure(accelerator(train_micro_batch_size_per_gpu=16), 8, 1, 0.0)
+    with pytest.raises(ValueError, match=r"ZeRO stage 3; the trainer supports stages 1 and 2"):
+        zero.configure(accelerator(zero_optimization={"stage": 3}), 8, 1, 0.0)
+
+    with pytest.raises(ValueError, match=r"trained with DeepSpeed and this run is without it"):
+        zero.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=False, processes=2)
+    with pytest.raises(ValueError, match=r"trained without DeepSpeed and this run is with it"):
+        zero.check_resumable(tmp_path, {"optimizer": {}}, deepspeed=True, processes=2)
+    with pytest.raises(ValueError, match=r"shards of 2 processes and this run has 4; resume it with --num_processes 2"):
+        zero.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=True, processes=4)
+
+
+def test_mixed_precision_follows_the_launcher_unless_the_run_names_one(world, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16 -m ipadapter.train ...` trains in bf16 (the launcher tells its
+    processes through ACCELERATE_MIXED_PRECISION), as diffusers' training scripts do; --mixed-precision wins."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    trainer = Trainer(_cfg(world, tmp_path / "a"), show_progress=False)
+    assert trainer.cfg.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
+    assert json.loads(trainer.cfg.to_json())["mixed_precision"] == "bf16"  # what the checkpoints record
+    assert Trainer(_cfg(world, tmp_path / "b", mixed_precision="no"), show_progress=False).cfg.mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match=r"mixed precision 'fp8' \(ACCELERATE_MIXED_PRECISION\).*--mixed-precision"):
+        Trainer(_cfg(world, tmp_path / "c"), show_progress=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert Trainer(_cfg(world, tmp_path / "d"), show_progress=False).cfg.mixed_precision == "no"
+
+
+def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(world, tmp_path):
+    """The documented DeepSpeed route, with the example config as shipped: ZeRO-2 shards the optimizer over two
+    processes (gloo on CPU), bf16 runs the adapter in bfloat16 with float32 master weights, gradient accumulation is
+    DeepSpeed's. The checkpoint keeps both processes' shards and the float32 adapter; resuming it gives the
+    uninterrupted run's adapter."""
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "deepspeed_zero2.yaml"
+
+    def launch(*extra: str) -> None:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "ipadapter.train", "--base", world["base"],
+               "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16", "--batch-size", "2",
+               "--gradient-accumulation", "2", "--mixed-precision", "bf16", "--max-steps", "4", "--save-every", "2",
+               *extra]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch("--output", str(tmp_path / "run"))
+    first, final = list_checkpoints(tmp_path / "run")
+    state = load_training_state(final)  # weights_only=True: the shards are tensors and plain values
+    assert state["processes"] == 2 and len(state["optimizer_shards"]) == 2
+    sizes = [sum(t.numel() for t in shard["single_partition_of_fp32_groups"]) for shard in state["optimizer_shards"]]
+    adapter = load_adapter(final / "adapter.safetensors")
+    trained = sum(p.numel() for p in adapter.parameters())
+    assert sizes[0] < trained <= sum(sizes)  # each process holds a part of the float32 master weights
+    saved = load_file(str(final / "adapter.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert any(not torch.equal(bf, bf.bfloat16().float()) for bf in saved.values())  # the masters, not bf16 copies
+    before = load_file(str(first / "adapter.safetensors"))
+    assert any(not torch.equal(before[k], saved[k]) for k in saved)
+
+    launch("--output", str(tmp_path / "resumed"), "--resume", str(first))
+    resumed = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "adapter.safetensors"))
+    assert all(torch.equal(resumed[k], saved[k]) for k in saved)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(world, tmp_path):
     """Preemption may reach one worker first: the processes agree at the next log step and save that step together,

@@ -377,10 +377,21 @@ def adapter_from_tensors(
     return adapter
 
 
-def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter") -> None:
-    """Writes `adapter` as ours (safetensors + config metadata) or official (.bin nested / .safetensors flat)."""
+def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter",
+                 values: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Writes `adapter` as ours (safetensors + config metadata) or official (.bin nested / .safetensors flat).
+    `values`: tensors that replace some of the adapter's own under the same names (e.g. a trainer's float32 master
+    weights of an adapter it runs in bfloat16)."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    if values:
+        unknown = sorted(set(values) - set(state))
+        if unknown:
+            raise KeyError(f"values for tensors the adapter does not have: {unknown[:3]}")
+        for name, value in values.items():
+            if value.shape != state[name].shape:
+                raise ValueError(f"{name}: the adapter holds {tuple(state[name].shape)}, the value is {tuple(value.shape)}")
+            state[name] = value.detach().contiguous().cpu()
     if layout == "ipadapter":
         if path.suffix != ".safetensors":
             raise ValueError(f"the ipadapter layout is safetensors; expected a .safetensors path, found {path.name}")

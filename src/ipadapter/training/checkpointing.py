@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import save_adapter
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -50,15 +52,17 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(output: str | Path, step: int, adapter, training_state: dict, config_json: str, keep_last: int) -> Path:
-    """Writes checkpoint-<step> atomically, then prunes to the newest `keep_last`."""
+def save_checkpoint(output: str | Path, step: int, adapter, training_state: dict, config_json: str, keep_last: int,
+                    adapter_values: dict[str, torch.Tensor] | None = None) -> Path:  # fmt: skip
+    """Writes checkpoint-<step> atomically, then prunes to the newest `keep_last`. `adapter_values`: see
+    `checkpoint.save_adapter`'s `values`."""
     output = Path(output)
     final = output / f"checkpoint-{step}"
     tmp = output / f".checkpoint-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    adapter.save(tmp / "adapter.safetensors")
+    save_adapter(adapter, tmp / "adapter.safetensors", values=adapter_values)
     torch.save(training_state, tmp / "training_state.pt")
     (tmp / "train_config.json").write_text(config_json)
     with open(tmp / "training_state.pt", "rb") as f:

@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 8  # per process
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000  # optimizer steps
-    mixed_precision: str = "no"  # no | fp16 | bf16 (frozen models run in that dtype; adapter weights stay fp32)
+    mixed_precision: str = ""  # no | fp16 | bf16 (frozen models run in that dtype; adapter weights stay fp32); "" = the launcher's (accelerate launch --mixed_precision, accelerate config), else no
     gradient_checkpointing: bool = False  # recompute UNet activations in backward to save memory
     seed: int = 0  # seeds data order, dropout draws, timesteps and noise
     # --- speed ---
@@ -60,8 +60,9 @@ class TrainConfig:
         total = self.drop_image + self.drop_text + self.drop_both
         if not 0 <= total <= 1:
             raise ValueError(f"drop probabilities must sum to a value in [0, 1], found {total}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, found {self.mixed_precision!r}")
+        if self.mixed_precision not in ("", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16 (or empty: the launcher's), found "
+                             f"{self.mixed_precision!r}")  # fmt: skip
         if self.batch_size < 1 or self.max_steps < 1 or self.gradient_accumulation < 1:
             raise ValueError("batch_size, max_steps and gradient_accumulation must be >= 1")
         if self.resolution < 8:
@@ -79,6 +80,20 @@ class TrainConfig:
             check_backend(self.compile)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
+
+    def resolved(self) -> TrainConfig:
+        """This config with an empty mixed_precision replaced by the launcher's, as diffusers' training scripts do:
+        `accelerate launch --mixed_precision bf16` (or `accelerate config`) tells its processes through the
+        environment; without a launcher (`ipadapter train`), "no"."""
+        if self.mixed_precision:
+            return self
+        import os
+
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        if launcher not in ("no", "fp16", "bf16"):
+            raise ValueError(f"the launcher asks for mixed precision {launcher!r} (ACCELERATE_MIXED_PRECISION); the "
+                             "trainer runs no, fp16 or bf16: pass --mixed-precision")  # fmt: skip
+        return dataclasses.replace(self, mixed_precision=launcher)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -7,6 +7,7 @@ Randomness is stateless: data order comes from (seed, epoch) and every step's dr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +27,7 @@ from ..adapter import IPAdapter
 from ..checkpoint import load_adapter
 from ..compiling import check_requirements
 from ..variants import get_variant
+from . import zero
 from .cache import EmbeddingCache, build_cache, fingerprint
 from .checkpointing import check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint
 from .config import TrainConfig, field_help
@@ -107,10 +109,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
 
         # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (a notebook,
         # the tiny-world build, tests) may want another precision. The distributed set-up itself is kept.
         AcceleratorState._reset_state()
+        cfg = cfg.resolved()  # the precision the launcher asked for, unless the run names one
         self.cfg = cfg
         self.output = Path(cfg.output)
         tracker = None
@@ -122,15 +126,21 @@ class Trainer:
             pass
         import os
 
-        # Several processes without a GPU (torchrun on CPUs): Accelerate uses gloo only when told cpu=True.
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # Several processes without a GPU (torchrun on CPUs): Accelerate uses gloo only when told cpu=True, which
+        # would also drop a DeepSpeed config; DeepSpeed on CPUs gets gloo named instead.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        deepspeed = zero.requested()
         self.accelerator = Accelerator(
-            cpu=several and not torch.cuda.is_available(),
+            cpu=several and not deepspeed,
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation,
             log_with=tracker,
             project_dir=str(self.output),
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if several and deepspeed else None,
         )
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         self.show_progress = show_progress and self.accelerator.is_main_process
         self.variant = get_variant(cfg.variant)
         self.feature = self.variant.image_feature
@@ -148,8 +158,13 @@ class Trainer:
             raise ValueError(
                 f"{self.output} already holds checkpoints; pass --resume latest to continue, or a new --output"
             )
+        if self.deepspeed:  # its config checked and completed before any model work
+            zero.configure(acc, cfg.batch_size, cfg.gradient_accumulation, cfg.max_grad_norm)
+        resumed = None
         if self.resume_from is not None:  # before loading any model
             check_resumable(self.resume_from, dataclasses.asdict(cfg))
+            resumed = load_training_state(self.resume_from)
+            zero.check_resumable(self.resume_from, resumed, self.deepspeed, acc.num_processes)
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
@@ -187,9 +202,12 @@ class Trainer:
         )
         self.module, self.optimizer = acc.prepare(AdapterTrainingModule(models.unet, self.adapter, cfg.compile), optimizer)
         self.step, self.epoch, self.position = 0, 0, 0
-        if self.resume_from is not None:
-            state = load_training_state(self.resume_from)
-            self.optimizer.load_state_dict(state["optimizer"])
+        if resumed is not None:
+            state = resumed
+            if self.deepspeed:
+                zero.load_shards(self.optimizer, state["optimizer_shards"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             self.skipped = state.get("skipped", 0)
@@ -358,16 +376,26 @@ class Trainer:
         return kwargs, put(target), timesteps
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, optimizer_shards: list[dict] | None = None) -> dict:
+        """What a checkpoint's training_state.pt holds; under DeepSpeed every process's optimizer shard (gathered by
+        `save`) instead of the one optimizer state."""
+        optimizer = {"optimizer_shards": optimizer_shards} if self.deepspeed else {"optimizer": self.optimizer.state_dict()}
         return {
             "step": self.step,
             "processes": self.accelerator.num_processes,
             "epoch": self.epoch,
             "position": self.position,
             "skipped": self.skipped,
-            "optimizer": self.optimizer.state_dict(),
+            **optimizer,
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
+
+    def autocast(self):
+        """Accelerate's autocast, except under DeepSpeed: it runs the module in the mixed-precision dtype itself (no
+        autocast from Accelerate there), but the inputs arrive in float32, so they are cast here."""
+        if self.deepspeed and self.cfg.mixed_precision != "no":
+            return torch.autocast(self.accelerator.device.type, dtype=self._weight_dtype())
+        return contextlib.nullcontext()
 
     def check_finite(self, losses: list[tuple[int, torch.Tensor]]) -> None:
         """Raises FloatingPointError if any process saw a non-finite loss among `losses` ((step, loss) since the last
@@ -390,10 +418,15 @@ class Trainer:
     def save(self, losses: list[tuple[int, torch.Tensor]] = ()) -> Path | None:
         self.check_finite(list(losses))  # never write a checkpoint with non-finite weights
         self.accelerator.wait_for_everyone()
+        shards, values = None, None
+        if self.deepspeed:  # collectives: every process takes part
+            shards = zero.gather_shards(self.optimizer, self.accelerator)
+            values = zero.full_precision_state(self.accelerator.unwrap_model(self.module).adapter)
         path = None
         if self.accelerator.is_main_process:
             adapter = self.accelerator.unwrap_model(self.module).adapter
-            path = save_checkpoint(self.output, self.step, adapter, self.state(), self.cfg.to_json(), self.cfg.keep_last)
+            path = save_checkpoint(self.output, self.step, adapter, self.state(shards), self.cfg.to_json(),
+                                   self.cfg.keep_last, adapter_values=values)  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
 
@@ -472,10 +505,11 @@ class Trainer:
                 g = step_generator(cfg.seed, self.step * cfg.gradient_accumulation + micro, acc.process_index)
                 kwargs, target, _ = self.inputs(batch, g)
                 with acc.accumulate(self.module):
-                    pred = self.module(**kwargs)
+                    with self.autocast():
+                        pred = self.module(**kwargs)
                     loss = F.mse_loss(pred.float(), target.float())
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.backward(loss)  # under DeepSpeed also the optimizer step (clipping included) at the last micro-batch
+                    if acc.sync_gradients and cfg.max_grad_norm and not self.deepspeed:
                         acc.clip_grad_norm_(self.module.parameters(), cfg.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
