@@ -360,10 +360,11 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
 
 
 def test_two_processes_train_one_checkpoint(world, tmp_path):
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); torchrun starts two, and
-    # the trainer then sets Accelerate up for gloo on CPU. With --compile: DDP around a compiled UNet call (the
-    # signal test below runs two plain processes).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ipadapter.train",
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); `--multi_gpu` starts two (as
+    # torchrun), also without GPUs, and the trainer then sets Accelerate up for gloo on CPU. With --compile: DDP
+    # around a compiled UNet call (the signal test below runs two plain processes under torchrun).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "-m", "ipadapter.train",
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
            "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run"), "--compile", "aot_eager"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
