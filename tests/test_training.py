@@ -377,10 +377,10 @@ def test_two_processes_train_one_checkpoint(world, tmp_path):
     assert state["processes"] == 2  # really two processes (gloo), not one
 
 
-def test_deepspeed_settings_come_from_the_run_and_what_cannot_work_is_refused(tmp_path):
+def test_sharded_engines_settings_come_from_the_run_and_what_cannot_work_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from ipadapter.training import zero
+    from ipadapter.training import sharded
 
     def accelerator(**config):
         plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
@@ -389,21 +389,28 @@ def test_deepspeed_settings_come_from_the_run_and_what_cannot_work_is_refused(tm
                                gradient_state=SimpleNamespace(plugin_kwargs={"num_steps": 1}))  # fmt: skip
 
     acc = accelerator(gradient_accumulation_steps=1)  # what `accelerate config` writes
-    zero.configure(acc, batch_size=8, gradient_accumulation=4, max_grad_norm=1.0)
+    sharded.configure(acc, batch_size=8, gradient_accumulation=4, max_grad_norm=1.0)
     config = acc.state.deepspeed_plugin.deepspeed_config
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["gradient_clipping"]) == (8, 4, 1.0)
     assert "train_batch_size" not in config and acc.gradient_accumulation_steps == 4
     with pytest.raises(ValueError, match=r"sets train_micro_batch_size_per_gpu = 16, this run's --batch-size is 8"):
-        zero.configure(accelerator(train_micro_batch_size_per_gpu=16), 8, 1, 0.0)
+        sharded.configure(accelerator(train_micro_batch_size_per_gpu=16), 8, 1, 0.0)
     with pytest.raises(ValueError, match=r"ZeRO stage 3; the trainer supports stages 1 and 2"):
-        zero.configure(accelerator(zero_optimization={"stage": 3}), 8, 1, 0.0)
+        sharded.configure(accelerator(zero_optimization={"stage": 3}), 8, 1, 0.0)
+
+    from accelerate.utils import DistributedType
+
+    sharded.check_fsdp(DistributedType.FSDP, processes=1)  # one process: checked on a GPU (docs/training.md)
+    sharded.check_fsdp(DistributedType.MULTI_GPU, processes=8)
+    with pytest.raises(ValueError, match=r"FSDP over 2 processes is not supported.*DeepSpeed ZeRO-2"):
+        sharded.check_fsdp(DistributedType.FSDP, processes=2)
 
     with pytest.raises(ValueError, match=r"trained with DeepSpeed and this run is without it"):
-        zero.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=False, processes=2)
+        sharded.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=False, processes=2)
     with pytest.raises(ValueError, match=r"trained without DeepSpeed and this run is with it"):
-        zero.check_resumable(tmp_path, {"optimizer": {}}, deepspeed=True, processes=2)
+        sharded.check_resumable(tmp_path, {"optimizer": {}}, deepspeed=True, processes=2)
     with pytest.raises(ValueError, match=r"shards of 2 processes and this run has 4; resume it with --num_processes 2"):
-        zero.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=True, processes=4)
+        sharded.check_resumable(tmp_path, {"optimizer_shards": [{}, {}]}, deepspeed=True, processes=4)
 
 
 def test_mixed_precision_follows_the_launcher_unless_the_run_names_one(world, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from ..adapter import IPAdapter
 from ..checkpoint import load_adapter
 from ..compiling import check_requirements
 from ..variants import get_variant
-from . import zero
+from . import sharded
 from .cache import EmbeddingCache, build_cache, fingerprint
 from .checkpointing import check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint
 from .config import TrainConfig, field_help
@@ -131,7 +131,7 @@ class Trainer:
         # Several processes without a GPU (torchrun on CPUs): Accelerate uses gloo only when told cpu=True, which
         # would also drop a DeepSpeed config; DeepSpeed on CPUs gets gloo named instead.
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        deepspeed = zero.requested()
+        deepspeed = sharded.requested()
         self.accelerator = Accelerator(
             cpu=several and not deepspeed,
             mixed_precision=cfg.mixed_precision,
@@ -158,13 +158,14 @@ class Trainer:
             raise ValueError(
                 f"{self.output} already holds checkpoints; pass --resume latest to continue, or a new --output"
             )
+        sharded.check_fsdp(acc.distributed_type, acc.num_processes)
         if self.deepspeed:  # its config checked and completed before any model work
-            zero.configure(acc, cfg.batch_size, cfg.gradient_accumulation, cfg.max_grad_norm)
+            sharded.configure(acc, cfg.batch_size, cfg.gradient_accumulation, cfg.max_grad_norm)
         resumed = None
         if self.resume_from is not None:  # before loading any model
             check_resumable(self.resume_from, dataclasses.asdict(cfg))
             resumed = load_training_state(self.resume_from)
-            zero.check_resumable(self.resume_from, resumed, self.deepspeed, acc.num_processes)
+            sharded.check_resumable(self.resume_from, resumed, self.deepspeed, acc.num_processes)
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
@@ -205,7 +206,7 @@ class Trainer:
         if resumed is not None:
             state = resumed
             if self.deepspeed:
-                zero.load_shards(self.optimizer, state["optimizer_shards"])
+                sharded.load_shards(self.optimizer, state["optimizer_shards"])
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -420,8 +421,8 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         shards, values = None, None
         if self.deepspeed:  # collectives: every process takes part
-            shards = zero.gather_shards(self.optimizer, self.accelerator)
-            values = zero.full_precision_state(self.accelerator.unwrap_model(self.module).adapter)
+            shards = sharded.gather_shards(self.optimizer, self.accelerator)
+            values = sharded.full_precision_state(self.accelerator.unwrap_model(self.module).adapter)
         path = None
         if self.accelerator.is_main_process:
             adapter = self.accelerator.unwrap_model(self.module).adapter

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO through Accelerate (`accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml ...`).
+"""Sharded training engines through Accelerate: DeepSpeed ZeRO stages 1 and 2 (`accelerate launch --config_file
+examples/accelerate/deepspeed_zero2.yaml ...`), and FSDP on one process only (`check_fsdp`).
 
 What changes when DeepSpeed runs the optimizer:
 - DeepSpeed needs a micro-batch size, and owns gradient accumulation and clipping: `configure` writes the run's
@@ -26,6 +27,21 @@ from torch import nn
 def requested() -> bool:
     """Whether `accelerate launch` was given a DeepSpeed config (it tells the processes through the environment)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def check_fsdp(distributed_type, processes: int) -> None:
+    """Refuses FSDP over several processes. Its sharding strategies keep each process's slice of the flattened weights
+    outside the forward and backward, so the adapter the trainer saves (and validates with) between steps would be a
+    slice, and each process's optimizer state covers only its slice; neither is handled, and FSDP needs GPUs, so it
+    cannot be tested here. DeepSpeed ZeRO-2 shards the same things (optimizer states and gradients, FSDP's
+    SHARD_GRAD_OP) and is handled and tested."""
+    if str(distributed_type).endswith("FSDP") and processes > 1:
+        raise ValueError(
+            f"FSDP over {processes} processes is not supported: between steps its processes hold slices of the weights, "
+            "which the trainer's checkpoints and validation do not gather. Shard the optimizer with DeepSpeed ZeRO-2 "
+            "instead (accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml ...), or use plain "
+            "data parallelism (accelerate launch --multi_gpu ...); the adapter has ~22M parameters"
+        )
 
 
 def configure(accelerator, batch_size: int, gradient_accumulation: int, max_grad_norm: float) -> None:
