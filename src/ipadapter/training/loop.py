@@ -109,7 +109,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
         # Accelerate keeps its settings in a process-wide singleton; a second run in the same process (a notebook,
         # the tiny-world build, tests) may want another precision. The distributed set-up itself is kept.
@@ -125,8 +125,6 @@ class Trainer:
         except ImportError:
             pass
         import os
-
-        from accelerate.utils import InitProcessGroupKwargs
 
         # Several processes without a GPU (torchrun on CPUs): Accelerate uses gloo only when told cpu=True, which
         # would also drop a DeepSpeed config; DeepSpeed on CPUs gets gloo named instead.
@@ -204,14 +202,13 @@ class Trainer:
         self.module, self.optimizer = acc.prepare(AdapterTrainingModule(models.unet, self.adapter, cfg.compile), optimizer)
         self.step, self.epoch, self.position = 0, 0, 0
         if resumed is not None:
-            state = resumed
             if self.deepspeed:
-                sharded.load_shards(self.optimizer, state["optimizer_shards"])
+                sharded.load_shards(self.optimizer, resumed["optimizer_shards"])
             else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-            self.skipped = state.get("skipped", 0)
+                self.optimizer.load_state_dict(resumed["optimizer"])
+            self.lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+            self.step, self.epoch, self.position = resumed["step"], resumed["epoch"], resumed["position"]
+            self.skipped = resumed.get("skipped", 0)
 
     def _init_adapter(self, models) -> IPAdapter:
         """The checkpoint to fine-tune (a file, or tinyworld-base / tinyworld-plus), checked against --variant before
@@ -392,8 +389,8 @@ class Trainer:
         }
 
     def autocast(self):
-        """Accelerate's autocast, except under DeepSpeed: it runs the module in the mixed-precision dtype itself (no
-        autocast from Accelerate there), but the inputs arrive in float32, so they are cast here."""
+        """Autocast under DeepSpeed with mixed precision: DeepSpeed runs the module in that dtype and Accelerate adds no
+        autocast there, while the inputs arrive in float32. Elsewhere nothing: Accelerate wraps the forward itself."""
         if self.deepspeed and self.cfg.mixed_precision != "no":
             return torch.autocast(self.accelerator.device.type, dtype=self._weight_dtype())
         return contextlib.nullcontext()
