@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_checks.sh train      # issue 4: samples/s at real SD1.5 + ViT-H size, 512 px, bf16 (~6 min)
 #   bash benchmarks/gpu_checks.sh inference  # issue 5: seconds per denoising step, fp16, SD1.5 at 512 (~4 min)
+#   bash benchmarks/gpu_checks.sh deepspeed  # DeepSpeed ZeRO-2 on one GPU, fp16 and bf16: exact resume (~3 min)
 #
 # Logs go to $OUT (the device tool's folder that comes back) or ./gpu-checks. `GPU_CHECKS_SMOKE=1` runs the same
 # plumbing at tiny sizes on whatever device there is (a CPU check of this script, seconds to minutes).
@@ -13,12 +14,17 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata zipp
 # and call the device with carry [".whl"]; this script installs them into /tmp/site when diffusers is missing.
+# The deepspeed part also needs DeepSpeed (an sdist on PyPI: build its wheel here) and its dependencies:
+#   .venv/bin/pip wheel -q --no-deps deepspeed==0.19.8 -w .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl hjson msgpack ninja py-cpuinfo einops pydantic pydantic-core \
+#     annotated-types typing-inspection
 set -u -o pipefail
-part=${1:?usage: gpu_checks.sh train|inference}
+part=${1:?usage: gpu_checks.sh train|inference|deepspeed}
 out=${OUT:-gpu-checks}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-if ! $py -c "import diffusers" 2>/dev/null; then
+if ! $py -c "import diffusers" 2>/dev/null || { [ "$part" = deepspeed ] && ! $py -c "import deepspeed" 2>/dev/null; }; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -39,11 +45,18 @@ if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     train=(--proportions sd15 --width 0.5 --resolution 128 --samples 8 --batch-size 2 --steps 2 --workers 2)
     inference=(--models tinyworld --seconds 2 --min-rounds 2)
     compile=aot_eager
+    deepspeed=(--data tinyworld:16:1 --resolution 32 --batch-size 2 --max-steps 4 --save-every 2)
+    middle=2
+    precisions=(bf16)
 else
     train=(--proportions sd15 --width 1.0 --resolution 512 --mixed-precision bf16 --samples 64 --batch-size 8
            --steps 20 --workers 8)
     inference=(--models tinyworld,sd15 --dtype float16 --sd15-resolution 512 --seconds 60 --min-rounds 6)
     compile=inductor
+    deepspeed=(--data tinyworld:512:1 --resolution 64 --batch-size 16 --max-steps 30 --save-every 15
+               --cache-embeddings true)
+    middle=15
+    precisions=(fp16 bf16)
 fi
 device=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 case $part in
@@ -55,8 +68,25 @@ case $part in
     inference)
         $py benchmarks/inference_overhead.py "${inference[@]}" --device "$device" 2>&1 | tee "$out/inference_overhead.txt"
         ;;
+    deepspeed)
+        # the example ZeRO-2 config as shipped, one process (the machine has one GPU): a run, the same run resumed
+        # from its middle checkpoint, and a run without DeepSpeed; their adapters compared
+        runs=/tmp/ds-runs
+        rm -rf "$runs"
+        for mp in "${precisions[@]}"; do
+            for run in straight resumed; do
+                resume=()
+                [ $run = resumed ] && resume=(--resume "$runs/$mp-straight/checkpoint-$middle")
+                $py -m accelerate.commands.launch --config_file examples/accelerate/deepspeed_zero2.yaml \
+                    --num_processes 1 -m ipadapter.train "${deepspeed[@]}" --mixed-precision "$mp" \
+                    --output "$runs/$mp-$run" "${resume[@]}" 2>&1 | tail -3
+            done
+            $py -m ipadapter.train "${deepspeed[@]}" --mixed-precision "$mp" --output "$runs/$mp-plain" 2>&1 | tail -1
+        done
+        $py benchmarks/gpu_checks_compare.py "$runs" "${precisions[@]}" 2>&1 | tee "$out/deepspeed.txt"
+        ;;
     *)
-        echo "unknown part $part (train or inference)" >&2
+        echo "unknown part $part (train, inference or deepspeed)" >&2
         exit 2
         ;;
 esac
