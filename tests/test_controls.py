@@ -260,3 +260,41 @@ def test_precise_preset_moves_the_reference_to_the_unconditional_side(setup):
         assert abs(_run(prompter, image=a, preset="style_precise", guidance_scale=1.0) - no_cfg).max() <= 1e-6
     finally:
         prompter.detach()
+
+
+def test_a_mask_of_another_aspect_ratio_is_stretched_over_the_image(setup):
+    """A mask whose aspect ratio is not the output's (a user's 4:1 drawing of "the left half" for a square image)
+    acts as the same mask drawn at the output's size: it is stretched over each layer's grid, read from the latent's
+    size before each UNet call. diffusers' rule (the grid from the mask's aspect ratio, the rest zero-padded) would
+    put it on diagonal bands: 10x further from the square mask's image here, measured."""
+    import warnings
+
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    square = torch.zeros(16, 16)
+    square[:, :8] = 1.0  # white: the left half
+    wide = torch.zeros(10, 40)
+    wide[:, :20] = 1.0
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        unmasked = _run(prompter, image=a)
+        at_size = _run(prompter, image=a, mask=square)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*line up")  # no misfit warning: the mask fits every layer
+            stretched = _run(prompter, image=a, mask=wide)
+    finally:
+        prompter.detach()
+    # equal up to resampling the mask's edge from another size
+    assert abs(stretched - at_size).max() < 0.25 * abs(unmasked - at_size).max()
+
+
+def test_layer_grids_follow_the_latent_and_a_misfit_mask_warns():
+    from ipadapter.state import downsample_mask, layer_grid
+
+    assert [layer_grid((13, 9), q) for q in (117, 35, 12, 4, 5)] == [(13, 9), (7, 5), (4, 3), (2, 2), None]
+    left = torch.zeros(1, 20, 40)
+    left[:, :, :20] = 1.0
+    weights = downsample_mask(left, 64, latent=(8, 8)).reshape(8, 8)
+    assert weights[:, :4].min() > 0.9 and weights[:, 4:].max() < 0.1  # every row: left half in, right half out
+    with pytest.warns(UserWarning, match="will not line up with the image"):
+        downsample_mask(left, 64)  # size unknown: diffusers' rule, which cannot fit a 2:1 mask on 64 positions

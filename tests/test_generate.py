@@ -110,7 +110,7 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         (["--image", str(tmp_path / "missing.png")], "image not found"),
         (["--image", str(tmp_path / "broken.png")], "cannot read .*broken.png as an image"),
         (["--image", ref, "--adapter", str(tmp_path / "none.bin")], "adapter not found"),
-        ([*ok, "--strength", "2"], r"--strength must be in \(0, 1\], found 2.0"),
+        ([*ok, "--init-image", ref, "--strength", "2"], r"--strength must be in \(0, 1\], found 2.0"),
         ([*ok, "--num-images", "0"], r"^error: --num-images must be >= 1, found 0$"),
         ([*ok, "--steps", "0"], r"^error: --steps must be >= 1, found 0$"),
         ([*ok, "--negative-image", ref, "--negative-noise", "0.3"], r"--negative-image and --negative-noise both choose"),
@@ -120,8 +120,8 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--out", ref], r"--out .*ref.png is a file; expected a folder"),
         ([*ok, "--dtype", "int8"], r"unknown dtype 'int8'; expected one of float32, float16, bfloat16"),
         ([*ok, "--image-mask", ref, ref], r"expected one --image-mask, or one per --image \(1\), found 2"),
-        ([*ok, "--s-scale", "0.5"], r"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; .* is base"),
-        ([*ok, "--face-id", str(faces)], r"--face-id / --face-image need a FaceID adapter; .* is base"),
+        ([*ok, "--s-scale", "0.5"], r"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; .*\(base\) has none"),
+        ([*ok, "--face-id", str(faces)], r"--face-id / --face-image need a FaceID adapter; .*\(base\) is not one"),
     ]
     import re
 
@@ -163,6 +163,10 @@ def test_controlnet_sees_text_only_and_gives_diffusers_pixels(setup, tmp_path):
     ours = np.asarray(Image.open(tmp_path / "out" / "000002-000.png")).astype(int)
     assert np.abs(ours - np.asarray(theirs).astype(int)).max() <= 1
     assert read_parameters(tmp_path / "out" / "000002-000.png")["controlnet"] == str(tmp_path / "controlnet")
+    # image-to-image with an init image of another size than the condition: both at the init image's size
+    Image.effect_mandelbrot((24, 24), (-2, -1.2, 1, 1.2), 20).convert("RGB").save(tmp_path / "init.png")
+    assert main([*args[:-1], str(tmp_path / "img2img"), "--init-image", str(tmp_path / "init.png")]) == 0
+    assert Image.open(tmp_path / "img2img" / "000002-000.png").size == (24, 24)
 
 
 def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(setup, tmp_path):
@@ -345,3 +349,86 @@ def test_face_image_gives_faceid_plus_its_aligned_face_crop(setup, tmp_path, mon
                  "--out", str(tmp_path / "manual")]) == 0  # fmt: skip
     auto, manual = (np.asarray(Image.open(tmp_path / d / "000000-000.png")) for d in ("auto", "manual"))
     assert np.array_equal(auto, manual)
+
+
+def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp_path, capsys, monkeypatch):
+    """Adapter against base, encoder and --embeds, the inputs each kind of adapter needs or would ignore, devices,
+    steps: all read from the files' headers and configs, so a mistake costs no model load (on SDXL, minutes)."""
+    import json
+    import re
+
+    from diffusers import UNet2DConditionModel
+
+    import ipadapter.sources
+    from ipadapter.embeds import save_embeds
+    from ipadapter.sources import TINYWORLD_DIR
+
+    root, base, encoder = setup
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    faceid, plus = tmp_path / "faceid.safetensors", tmp_path / "plus.safetensors"
+    IPAdapter.for_unet(unet, "faceid").save(faceid)
+    IPAdapter.for_unet(unet, "plus", image_embed_dim=32).save(plus)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    save_embeds(tmp_path / "wide.safetensors", torch.zeros(1, 64), "pooled")
+    np.save(tmp_path / "face.npy", np.zeros((1, 512), np.float32))
+    control = tmp_path / "controlnet"
+    control.mkdir()
+    (control / "config.json").write_text(json.dumps({**unet.config, "block_out_channels": [8, 16]}))
+    (tmp_path / "folder").mkdir()
+    ref, ip = str(root / "ref.png"), str(root / "ip-adapter.safetensors")
+    ok = ["--image", ref, "--adapter", ip, "--image-encoder", encoder]
+    cases = [
+        (["--image", ref, "--adapter", "tinyworld-base"], r"base.safetensors \(base\) does not fit the base .*: this "
+                                                          r"adapter is for custom \(10 cross-attention layers"),
+        (["--image", ref, "--adapter", str(tmp_path / "corrupt.safetensors")], "not a readable safetensors file"),
+        ([*ok[:4], "--image-encoder", str(TINYWORLD_DIR / "sd" / "image_encoder")],
+         "image encoder mismatch: this adapter .* expects 40-d pooled features .* the encoder gives 64-d"),
+        (["--embeds", str(tmp_path / "wide.safetensors"), "--adapter", ip], "holds 64-d pooled features .* reads 40-d"),
+        (["--image", ref, "--adapter", str(plus), "--content-text", "a cat", "--content-text-encoder", "x"],
+         "--content-text .* global image embeddings only; plus.safetensors \\(plus\\) reads penultimate features"),
+        ([*ok, "--composition-image", ref], "--composition-image needs --preset style_and_composition"),
+        (["--image", ref, "--face-id", str(tmp_path / "face.npy"), "--adapter", str(faceid)],
+         r"faceid.safetensors \(faceid\) reads face embeddings only, no image: --image would be ignored"),
+        (["--face-image", ref, "--adapter", str(plus)], "need a FaceID adapter"),
+        (["--face-id", str(tmp_path / "face.npy"), "--adapter", ip], "need a FaceID adapter"),
+        ([*ok, "--save-embeds", str(tmp_path / "folder")], "--save-embeds .*folder is a folder; expected a .safetensors"),
+        ([*ok, "--device", "gpu9"], "unknown --device 'gpu9'"),
+        ([*ok, "--init-image", ref, "--steps", "4", "--strength", "0.2"], r"int\(4 x 0.2\) = 0 denoising steps"),
+        ([*ok, "--strength", "0.5"], "--strength acts only with --init-image"),
+        ([*ok, "--boost", "1"], "--boost goes with --preset style_precise / composition_precise"),
+        ([*ok, "--controlnet", str(control), "--control-image", ref],
+         r"the ControlNet .* is for a UNet with block_out_channels \[8, 16\]; the base's UNet has"),
+        (["--image", ref, "--adapter", str(faceid)], r"faceid.safetensors \(faceid\) is a FaceID adapter: pass --face-id"),
+    ]
+    monkeypatch.setattr(ipadapter.sources, "load_pipeline", None)  # any model work would fail differently
+    for extra, message in cases:
+        assert main(["generate", *extra, "--base", base, "--out", str(tmp_path / "out")]) == 2, message
+        assert re.search(message, capsys.readouterr().err), message
+
+
+def test_several_faces_of_one_person_concatenate_their_tokens_and_outputs_are_never_overwritten(setup, tmp_path):
+    """FaceID-Portrait's input: K ArcFace embeddings of one person, each projected to its tokens, concatenated (the
+    official multi-face path). And a second run into the same folder keeps the first one's images."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from ipadapter.prompter import ImagePrompt, ImagePrompter
+
+    root, base, encoder = setup
+    torch.manual_seed(3)
+    adapter = IPAdapter.for_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "faceid")
+    adapter.save(tmp_path / "faceid.safetensors")
+    faces = torch.randn(3, 512)
+    np.save(tmp_path / "faces.npy", faces.numpy())
+    prompter = ImagePrompter(StableDiffusionPipeline.from_pretrained(base), adapter)
+    try:
+        (group,) = prompter.groups(0, ImagePrompt(face_id=faces[None]), n_prompts=1, cfg=True)
+    finally:
+        prompter.detach()
+    with torch.no_grad():
+        each = adapter.project(face_id=faces)  # (3, T, C)
+    assert torch.equal(group.cond, each.reshape(1, -1, each.shape[-1]))  # (1, 3T, C)
+    args = ["generate", "--face-id", str(tmp_path / "faces.npy"), "--adapter", str(tmp_path / "faceid.safetensors"),
+            "--steps", "2", "--base", base, "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0 and main([*args, "--prompt", "second"]) == 0
+    first, second = tmp_path / "out" / "000000-000.png", tmp_path / "out" / "000000-000-1.png"
+    assert read_parameters(first)["prompt"] == "" and read_parameters(second)["prompt"] == "second"

@@ -46,6 +46,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerateConfig, generate
 
     values = {f.name: getattr(args, f.name) for f in fields(GenerateConfig) if getattr(args, f.name, None) is not None}
+    # options that only act beside another one: given alone they would be silently ignored
+    for flag, name, needs, needed in (("--strength", "strength", "--init-image", "init_image"),
+                                      ("--controlnet-scale", "controlnet_scale", "--controlnet", "controlnet"),
+                                      ("--content-scale", "content_scale", "--content-text", "content_text")):  # fmt: skip
+        if name in values and not values.get(needed):
+            raise ValueError(f"{flag} acts only with {needs}, which was not given")
     for path in generate(GenerateConfig(**values)):
         print(path)
     return 0
@@ -260,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: missing files, and hub ids that cannot be fetched
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -37,18 +37,32 @@ def load_embeds(path: str | os.PathLike, config: AdapterConfig | None = None) ->
         FileNotFoundError / ValueError: a missing or unreadable file, not an embeddings file, or features from
             another feature kind or encoder width than the adapter's.
     """
-    path = Path(path)
-    tensors, meta = read_tensors(path)  # clear errors for missing / corrupt files
+    tensors, meta = _read(path, shapes_only=False)
+    if config is not None:
+        _check(path, tensors["features"], meta, config)
+    features = tensors["features"]
+    return features, dict(meta)
+
+
+def check_embeds(path: str | os.PathLike, config: AdapterConfig) -> None:
+    """`load_embeds(path, config)`'s checks from the file's header alone (nothing is read but shapes)."""
+    tensors, meta = _read(path, shapes_only=True)
+    _check(path, tensors["features"], meta, config)
+
+
+def _read(path: str | os.PathLike, shapes_only: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, meta = read_tensors(Path(path), shapes_only=shapes_only)  # clear errors for missing / corrupt files
     if meta.get("format") != FORMAT or "features" not in tensors:
         raise ValueError(f"{path} is not an image-prompt embeddings file (expected format {FORMAT}, found "
                          f"{meta.get('format')!r} with tensors {sorted(tensors)[:4]})")  # fmt: skip
-    features = tensors["features"]
-    if config is not None:
-        if config.image_feature != meta["feature"] or config.image_embed_dim != features.shape[-1]:
-            raise ValueError(
-                f"{path} holds {features.shape[-1]}-d {meta['feature']} features "
-                f"({image_encoder_name(meta['feature'], features.shape[-1])}, encoder {meta.get('encoder') or '?'}); "
-                f"this adapter ({config.variant}) reads {config.image_embed_dim}-d {config.image_feature} features "
-                f"({config.image_encoder_name})"
-            )
-    return features, dict(meta)
+    return tensors, meta
+
+
+def _check(path: str | os.PathLike, features: torch.Tensor, meta: dict[str, str], config: AdapterConfig) -> None:
+    if config.image_feature != meta["feature"] or config.image_embed_dim != features.shape[-1]:
+        raise ValueError(
+            f"{path} holds {features.shape[-1]}-d {meta['feature']} features "
+            f"({image_encoder_name(meta['feature'], features.shape[-1])}, encoder {meta.get('encoder') or '?'}); "
+            f"this adapter ({config.variant}) reads {config.image_embed_dim}-d {config.image_feature} features "
+            f"({config.image_encoder_name})"
+        )

@@ -130,6 +130,22 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
         )
 
 
+def check_encoder_folder(config: AdapterConfig, name_or_path: str | os.PathLike) -> None:
+    """`check_encoder` from a local encoder folder's config alone, before any weights load ("repo::sub" and
+    subfolders as `ImageEncoder.from_pretrained`). Hub ids pass (their config is not on disk)."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPVisionConfig
+
+    name, sub = model_source(name_or_path, None, "image encoder")
+    if config.image_feature == "none" or not (Path(name) / sub.get("subfolder", "") / "config.json").is_file():
+        return
+    try:
+        found = CLIPVisionConfig.from_pretrained(name, **sub)  # what CLIPVisionModelWithProjection will be built from
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the image encoder config in {name_or_path}: {error}") from error
+    check_encoder(config, SimpleNamespace(config=found))
+
 
 class TextEmbedder(nn.Module):
     """The text tower paired with an image encoder (same embedding space), for InstantStyle's content subtraction.

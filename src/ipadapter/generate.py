@@ -76,7 +76,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .blocks import PRECISE, PRESETS
     from .combine import COMBINE_MODES
     from .references import PREP_MODES
-    from .sources import resolve_adapter
+    from .sources import resolve_adapter, resolve_base
 
     alpha = cfg.image_masks == ["alpha"]  # each reference's own transparency
     images = [*cfg.images, *cfg.negative_images, *([] if alpha else cfg.image_masks)]
@@ -105,16 +105,6 @@ def check_inputs(cfg: GenerateConfig) -> None:
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
-    if cfg.s_scale is not None or cfg.face_id or cfg.face_image:  # FaceID options need a FaceID adapter (shapes only)
-        from .checkpoint import adapter_from_tensors, read_tensors
-
-        tensors, metadata = read_tensors(adapter, shapes_only=True)
-        found = adapter_from_tensors(tensors, metadata, Path(adapter).name).config
-        if (cfg.face_id or cfg.face_image) and not found.id_embed_dim:
-            raise ValueError(f"--face-id / --face-image need a FaceID adapter; {Path(adapter).name} is {found.variant}")
-        if cfg.s_scale is not None and not (found.projection == "faceid_plus" and found.shortcut):
-            raise ValueError(f"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; "
-                             f"{Path(adapter).name} is {found.variant}")  # fmt: skip
     for flag, value in (("--num-images", cfg.num_images), ("--steps", cfg.steps)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, found {value}")
@@ -171,6 +161,152 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
     if cfg.negative_images and cfg.negative_noise > 0:
         raise ValueError("--negative-image and --negative-noise both choose the unconditional image prompt; pass one")
+    if cfg.negative_noise > 0 and not cfg.images:
+        raise ValueError("--negative-noise noises the reference images (--image); saved --embeds have no pixels")
+    if cfg.prep == "tiles" and cfg.weights:
+        raise ValueError("--weights are per reference image and --prep tiles turns each image into several: pass one")
+    if cfg.composition_image and cfg.preset not in ("style_and_composition", "strong_style_and_composition"):
+        raise ValueError("--composition-image needs --preset style_and_composition or strong_style_and_composition, "
+                         f"found {cfg.preset or 'none'}")  # fmt: skip
+    composed = ("composition", "style_and_composition", "strong_style_and_composition")
+    if cfg.composition_scale is not None and cfg.preset not in composed:
+        raise ValueError(f"--composition-scale weighs the composition blocks of --preset {' / '.join(composed)}; "
+                         f"found {cfg.preset or 'no preset'}")  # fmt: skip
+    if cfg.boost is not None and cfg.preset not in PRECISE:
+        raise ValueError(f"--boost goes with --preset {' / '.join(PRECISE)}; found {cfg.preset or 'no preset'}")
+    if cfg.base_config and not Path(resolve_base(cfg.base)).is_file():
+        raise ValueError(f"--base-config gives the configs of a single-file --base; {cfg.base} is not a file")
+    if cfg.save_embeds:
+        if cfg.embeds:
+            raise ValueError("--save-embeds writes the features of --image references; with --embeds they are saved already")
+        if Path(cfg.save_embeds).is_dir():
+            raise ValueError(f"--save-embeds {cfg.save_embeds} is a folder; expected a .safetensors file to write")
+    check_device(cfg.device)
+    if cfg.init_image and cfg.steps is not None:
+        check_denoising(cfg.steps, cfg.strength)
+    check_models(cfg)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has (ValueError naming it otherwise)."""
+    try:
+        found = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown --device {device!r}: expected cpu, cuda, cuda:N, mps, ... ({error})") from error
+    if found.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                             f"(torch {torch.__version__}); use --device cpu")  # fmt: skip
+        if found.index is not None and found.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    elif found.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def check_denoising(steps: int, strength: float) -> None:
+    """Image-to-image and inpainting denoise int(steps * strength) steps (diffusers' rule): at least one."""
+    if int(steps * strength) < 1:
+        raise ValueError(f"--steps {steps} with --strength {strength} leaves int({steps} x {strength}) = 0 denoising "
+                         f"steps; expected at least 1: raise --steps to {math.ceil(1 / strength)} or --strength")  # fmt: skip
+
+
+def unet_config(cfg: GenerateConfig) -> dict | None:
+    """The base's UNet config when it is on disk (a diffusers folder, or a single file's --base-config folder)."""
+    from .sources import resolve_base
+
+    base = Path(resolve_base(cfg.base))
+    folder = base if base.is_dir() else Path(cfg.base_config) if cfg.base_config else None
+    path = None if folder is None else folder / "unet" / "config.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not a readable JSON config: {error}") from error
+
+
+def check_models(cfg: GenerateConfig) -> None:
+    """What can be checked of the models from their files alone, before any weights load: the adapter file (every
+    key and shape), that it fits the base's UNet (from its config), the image encoder's config and --embeds against
+    it, and the inputs its kind of adapter needs or ignores."""
+    from .checkpoint import adapter_from_tensors, read_tensors
+    from .embeds import check_embeds
+    from .encoders import check_encoder_folder
+    from .sources import resolve_adapter, resolve_image_encoder
+
+    path = Path(resolve_adapter(cfg.adapter))
+    tensors, metadata = read_tensors(path, shapes_only=True)
+    adapter = adapter_from_tensors(tensors, metadata, path.name)  # on the meta device: shapes only
+    found = adapter.config
+    name = f"{path.name} ({found.variant})"
+    reads_images = found.image_feature != "none"
+    if (cfg.face_id or cfg.face_image) and not found.id_embed_dim:
+        raise ValueError(f"--face-id / --face-image need a FaceID adapter; {name} is not one")
+    if found.id_embed_dim and not (cfg.face_id or cfg.face_image):
+        raise ValueError(f"{name} is a FaceID adapter: pass --face-id (ArcFace embeddings) or --face-image")
+    if cfg.s_scale is not None and not (found.projection == "faceid_plus" and found.shortcut):
+        raise ValueError(f"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; {name} has none")
+    given = [flag for flag, value in (("--image", cfg.images), ("--embeds", cfg.embeds), ("--negative-image",
+             cfg.negative_images), ("--composition-image", cfg.composition_image), ("--content-text", cfg.content_text),
+             ("--save-embeds", cfg.save_embeds)) if value]  # fmt: skip
+    if not reads_images and given:
+        raise ValueError(f"{name} reads face embeddings only, no image: {', '.join(given)} would be ignored")
+    if reads_images and not (cfg.images or cfg.embeds or cfg.face_image):
+        raise ValueError(f"{name} needs a reference image (--image, --embeds, or --face-image for its face crop)")
+    if cfg.content_text and found.image_feature != "pooled":
+        raise ValueError(f"--content-text (InstantStyle) works on global image embeddings only; {name} reads "
+                         f"{found.image_feature} features")  # fmt: skip
+    if cfg.face_id and found.image_feature != "none":
+        faces = load_face_id(cfg.face_id)
+        if faces.shape[0] > 1:
+            raise ValueError(f"{name} takes one face embedding with its reference image; {cfg.face_id} holds "
+                             f"{faces.shape[0]} (several faces of one person go to FaceID / FaceID-Portrait adapters)")  # fmt: skip
+    unet = unet_config(cfg)
+    if unet is not None:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):  # the layers' shapes from the config, no weights
+            model = UNet2DConditionModel.from_config(unet)
+        try:
+            adapter._check_unet(model)
+        except ValueError as error:
+            raise ValueError(f"{name} does not fit the base {cfg.base}: {error}") from error
+        if cfg.controlnet:
+            check_controlnet(cfg, unet)
+    if reads_images:
+        encoder = resolve_image_encoder(cfg.base, cfg.image_encoder)
+        if not encoder and not cfg.embeds:
+            raise ValueError(f"{name} needs {found.image_encoder_name}; pass --image-encoder (the base {cfg.base} "
+                             "has no image_encoder/ folder)")  # fmt: skip
+        if encoder:
+            check_encoder_folder(found, encoder)
+    if cfg.embeds:
+        check_embeds(cfg.embeds, found)
+
+
+def check_controlnet(cfg: GenerateConfig, unet: dict) -> None:
+    """A local ControlNet's config against the base's UNet and VAE configs: its residuals must match the UNet's
+    blocks and its condition encoder must downsample as the VAE does."""
+    from .sources import resolve_base
+
+    path = Path(cfg.controlnet) / "config.json"
+    if not path.is_file():
+        return  # a hub id
+    control = json.loads(path.read_text())
+    for key in ("cross_attention_dim", "block_out_channels", "layers_per_block"):
+        if key in control and key in unet and control[key] != unet[key]:
+            raise ValueError(f"the ControlNet {cfg.controlnet} is for a UNet with {key} {control[key]}; the base's "
+                             f"UNet has {unet[key]}")  # fmt: skip
+    base = Path(resolve_base(cfg.base))
+    vae_path = (base if base.is_dir() else Path(cfg.base_config)) / "vae" / "config.json"
+    if vae_path.is_file() and "conditioning_embedding_out_channels" in control:
+        vae = json.loads(vae_path.read_text())
+        latent = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        condition = 2 ** (len(control["conditioning_embedding_out_channels"]) - 1)
+        if latent != condition:
+            raise ValueError(f"the ControlNet {cfg.controlnet} encodes its condition image at 1/{condition} of its "
+                             f"size; the base's VAE makes latents at 1/{latent}")  # fmt: skip
 
 
 def image_masks(cfg: GenerateConfig) -> list | None:
@@ -246,6 +382,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
     steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"].default
     guidance = cfg.guidance if cfg.guidance is not None else defaults["guidance_scale"].default
+    if cfg.init_image:
+        check_denoising(steps, cfg.strength)  # with the pipeline's default steps
     adapter = IPAdapter.from_file(resolve_adapter(cfg.adapter), dtype=dtype, unet=pipe.unet)
     encoder = None
     if adapter.config.image_feature != "none" and not cfg.embeds:
@@ -261,6 +399,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         references = list(load_embeds(cfg.embeds, adapter.config)[0])
     else:
         references = [load_image(p) for p in cfg.images]
+    if faces is not None and adapter.config.image_feature == "none":
+        faces = faces[None]  # (1, K, 512): K faces of one person, their tokens concatenated (FaceID-Portrait)
     if not references and face_crop is not None and adapter.config.image_feature != "none":
         references = [face_crop]  # FaceID-Plus: the aligned face of --face-image, as the official pipeline does
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
@@ -276,6 +416,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if controlnet is not None:
         key = "control_image" if cfg.init_image else "image"
         kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})
+        if cfg.init_image:  # the init image's size for all three images (diffusers would take each one's own)
+            kwargs.update(zip(("width", "height"), fitted_size(kwargs["image"].size, pipe.vae_scale_factor)))
     content = None
     if cfg.content_text:
         from .encoders import TextEmbedder
@@ -298,12 +440,30 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     meta.add_text("ipadapter", json.dumps(params))
     meta.add_text("parameters", f"{cfg.prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {steps}, "
                                 f"CFG scale: {guidance}, Seed: {cfg.seed}, IP-Adapter: {cfg.adapter} ({cfg.scale})")
-    paths = []
-    for i, image in enumerate(images):
-        path = out / f"{cfg.seed:06d}-{i:03d}.png"
+    paths = output_paths(out, cfg.seed, len(images))
+    for path, image in zip(paths, images):
         image.save(path, pnginfo=meta)
-        paths.append(path)
     return paths
+
+
+def output_paths(folder: Path, seed: int, count: int) -> list[Path]:
+    """`{seed}-{i}.png` for the i-th image, or with `-{run}` added, the first run number that overwrites nothing
+    (earlier generations into the same folder are kept)."""
+    stem = f"{seed:06d}" if seed >= 0 else f"n{-seed:06d}"  # no file name that starts with a dash
+    run = 0
+    while True:
+        suffix = f"-{run}" if run else ""
+        paths = [folder / f"{stem}-{i:03d}{suffix}.png" for i in range(count)]
+        if not any(p.exists() for p in paths):
+            return paths
+        run += 1
+
+
+def fitted_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(width, height) rounded down to multiples of the VAE's downsampling `factor`, as diffusers' image processor
+    rounds an init image."""
+    width, height = (max(factor, v // factor * factor) for v in size)
+    return width, height
 
 
 def read_parameters(path: str | Path) -> dict:

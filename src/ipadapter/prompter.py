@@ -64,7 +64,9 @@ class ImagePrompt:
     regions: Sequence[MaskInput] | None = None  # one mask per reference: each acts only inside its own (regional)
     start: float = 0.0  # acts from this fraction of the denoising ...
     end: float = 1.0  # ... up to this fraction
-    face_id: torch.Tensor | None = None  # (512,) or (N, 512) ArcFace embeddings for FaceID adapters
+    # ArcFace embeddings for FaceID adapters: (512,), (N, 512) one per prompt, or (N or 1, K, 512): K faces of one
+    # person per prompt, their tokens concatenated (plain FaceID / FaceID-Portrait, as the official multi-face input)
+    face_id: torch.Tensor | None = None
     s_scale: float | None = None  # FaceID-PlusV2: weight of the face-structure branch (official s_scale; default 1)
     content_embeds: torch.Tensor | None = None  # InstantStyle: (D,) or (N, D) text embedding to remove (pooled only)
     content_scale: float = 1.0  # ... times this
@@ -257,8 +259,9 @@ class ImagePrompter:
             uncond_feats = combine_features(uncond_feats, p.combine, None if negatives is None else p.weights)
         faces = None
         if face is not None:
+            face = face.reshape(-1, face.shape[-1])  # (K, 512): K faces of one person, their tokens concatenated
             n = cond_feats.shape[0] if cond_feats is not None else 1
-            faces = face.reshape(1, -1).expand(n, -1)
+            faces = face if face.shape[0] > 1 else face.expand(n, -1)
         weight = {} if p.s_scale is None else {"s_scale": p.s_scale}  # the unconditional tokens too, as officially
         cond = adapter.project(image=cond_feats, face_id=faces, **weight)  # (K or 1, T, C)
         uncond = adapter.project(image=uncond_feats, face_id=None if faces is None else torch.zeros_like(faces),
@@ -283,14 +286,22 @@ class ImagePrompter:
         negatives = references_per_prompt(p.negative_image, n_prompts, ndim)
         if refs is None and adapter.config.image_feature != "none":
             raise ValueError(f"this adapter ({adapter.config.variant}) needs a reference image")
+        if adapter.config.image_feature == "none" and (refs is not None or negatives is not None
+                                                       or p.composition_image is not None):  # fmt: skip
+            raise ValueError(f"this adapter ({adapter.config.variant}) reads face embeddings only: reference images "
+                             "(image, negative_image, composition_image) would be ignored; leave them out")  # fmt: skip
         faces = None
         if p.face_id is not None and not adapter.config.id_embed_dim:
             raise ValueError(f"face_id was given but this adapter ({adapter.config.variant}) takes no face embeddings; "
                              "use a FaceID adapter, or leave face_id out")  # fmt: skip
         if p.face_id is not None:
-            faces = p.face_id.reshape(-1, p.face_id.shape[-1])
+            faces = p.face_id if p.face_id.ndim == 3 else p.face_id.reshape(-1, 1, p.face_id.shape[-1])  # (N, K, 512)
             if faces.shape[0] not in (1, n_prompts):
                 raise ValueError(f"expected one face embedding, or one per prompt ({n_prompts}), found {faces.shape[0]}")
+            if faces.shape[1] > 1 and adapter.config.image_feature != "none":
+                raise ValueError(f"this adapter ({adapter.config.variant}) takes one face embedding per prompt with its "
+                                 f"reference image; found {faces.shape[1]} (several faces of one person: plain FaceID "
+                                 "or FaceID-Portrait adapters)")  # fmt: skip
         elif adapter.config.id_embed_dim:
             raise ValueError(f"this adapter ({adapter.config.variant}) needs face_id: (512,) ArcFace embeddings")
 
@@ -386,7 +397,8 @@ class ImagePrompter:
             prompt: text prompt(s); "" for image-only prompting.
             scale: λ for every layer, one per adapted layer, or a diffusers block dict.
             negative_image: image(s) used as the unconditional image prompt instead of the empty one.
-            face_id: (N, 512) ArcFace embeddings for FaceID adapters.
+            face_id: ArcFace embeddings for FaceID adapters: (512,), (N, 512) one per prompt, or (N, K, 512) with K
+                faces of one person per prompt (see `ImagePrompt.face_id`).
             guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
             num_images_per_prompt: images per prompt, passed to the pipeline.
             start: the image prompt acts from this fraction of the denoising schedule on ...
@@ -426,8 +438,10 @@ class ImagePrompter:
         try:
             for slot, p in enumerate(prompts):
                 self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))
-            hook = None  # the step is tracked only where a step window needs it (a few tensor ops per step)
-            if any(a.state.windowed for a in self.adapters):
+            # the step is tracked only where a step window needs it (a few tensor ops per step), the latent's size
+            # where a mask does (its grid at each layer)
+            hook = None
+            if any(a.state.windowed or any(g.mask is not None for g in a.state.groups) for a in self.adapters):
                 hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
             try:
                 return self.pipe(
@@ -443,9 +457,18 @@ class ImagePrompter:
             for a in self.adapters:
                 a.state.clear()
                 a.state.progress = None
+                a.state.latent_size = None
 
     def _track_step(self, module, args, kwargs) -> None:
-        """Before each UNet call: which step of the scheduler's full schedule this is (for step windows)."""
+        """Before each UNet call: the latent's (H, W) (for masks) and which step of the scheduler's full schedule this
+        is (for step windows)."""
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None:
+            size = (int(sample.shape[-2]), int(sample.shape[-1]))
+            for a in self.adapters:
+                a.state.latent_size = size
+        if not any(a.state.windowed for a in self.adapters):
+            return
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if t is None or timesteps is None or len(timesteps) == 0:

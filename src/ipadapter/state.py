@@ -18,6 +18,7 @@ concatenate [negative, positive]. Masks (N or 1 rows) follow the same rule, the 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,18 +87,41 @@ def mask_grid(height: int, width: int, num_queries: int) -> tuple[int, int]:
     """The (h, w) latent grid of a layer with `num_queries` positions for an image of aspect width/height.
 
     Same rule as diffusers' `IPAdapterMaskProcessor.downsample`, so masks act on the same positions."""
-    mask_h = int(math.sqrt(num_queries / (width / height)))
+    mask_h = max(1, int(math.sqrt(num_queries / (width / height))))  # (a very wide mask on a tiny layer: 1 row)
     mask_h = mask_h + int(num_queries % mask_h != 0)
     return mask_h, num_queries // mask_h
 
 
-def downsample_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """(N, H, W) mask -> (N, num_queries, 1) weights for a layer's query positions (bicubic, as diffusers)."""
-    mask_h, mask_w = mask_grid(mask.shape[1], mask.shape[2], num_queries)
+def layer_grid(latent: tuple[int, int], num_queries: int) -> tuple[int, int] | None:
+    """The (h, w) grid of a UNet layer with `num_queries` positions, from the latent's (H, W): each down block
+    halves both sides rounding up (stride-2 convolution, padding 1), the up blocks retrace the same sizes. None if
+    no level of the latent has that many positions."""
+    h, w = latent
+    while h * w > num_queries and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    return (h, w) if h * w == num_queries else None
+
+
+def downsample_mask(mask: torch.Tensor, num_queries: int, latent: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, H, W) mask -> (N, num_queries, 1) weights for a layer's query positions (bicubic, as diffusers).
+
+    With the generation's latent size known (`latent`, recorded by `ImagePrompter` before each UNet call) the mask
+    is stretched over the layer's real grid, whatever its own size; with a mask of the image's aspect ratio that is
+    the grid diffusers derives from the mask. Without it, diffusers' rule: the grid follows the mask's aspect ratio
+    and a mismatch is padded with zeros, with a warning (the mask then lands on the wrong positions)."""
+    grid = layer_grid(latent, num_queries) if latent is not None else None
+    mask_h, mask_w = grid if grid is not None else mask_grid(mask.shape[1], mask.shape[2], num_queries)
     small = F.interpolate(mask[None].float(), size=(mask_h, mask_w), mode="bicubic").squeeze(0)  # (N, h, w)
     flat = small.reshape(small.shape[0], -1)  # (N, h*w)
-    if flat.shape[1] < num_queries:  # aspect ratio of the mask differs from the image's: pad, as diffusers does
-        flat = F.pad(flat, (0, num_queries - flat.shape[1]), value=0.0)
+    if flat.shape[1] != num_queries:  # aspect ratio of the mask differs from the image's: pad, as diffusers does
+        warnings.warn(
+            f"the mask's aspect ratio ({mask.shape[2]}x{mask.shape[1]}) does not fit a layer of {num_queries} positions; "
+            "it is padded and will not line up with the image: give a mask of the output's aspect ratio, or generate "
+            "through ImagePrompter, which fits masks to the output",
+            UserWarning,
+            stacklevel=2,
+        )
+        flat = F.pad(flat, (0, max(0, num_queries - flat.shape[1])), value=0.0)
     return flat[:, :num_queries, None]
 
 
@@ -117,6 +141,7 @@ class PromptState:
         self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
         self._progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
         self._inside: dict[tuple[float, float], bool] | None = None  # each window: does it hold that step?
+        self.latent_size: tuple[int, int] | None = None  # (H, W) of the UNet's input, when known (masks' grids)
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
         self._cache: dict[tuple, object] = {}  # image keys/values and masks, kept until the tokens change
         # What each attached layer does now (`attention.ImageBranch.acting` / `terms`), derived from the above and
@@ -195,11 +220,11 @@ class PromptState:
         g = self.groups[group]
         if g.mask is None:
             return None
-        key = ("mask", group, batch_size, num_queries)
+        key = ("mask", group, batch_size, num_queries, self.latent_size)
         keep = self.caching
         found = self._cache.get(key) if keep else None
         if found is None:
-            small = downsample_mask(g.mask, num_queries)  # (N or 1, Q, 1)
+            small = downsample_mask(g.mask, num_queries, self.latent_size)  # (N or 1, Q, 1)
             if small.shape[0] == 1 and g.cond.shape[0] > 1:
                 small = small.expand(g.cond.shape[0], -1, -1)
             found = rows_for(small, None, batch_size, cfg=g.uncond is not None)

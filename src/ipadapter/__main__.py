@@ -1,0 +1,7 @@
+"""`python -m ipadapter ...`: the same command line as the `ipadapter` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
