@@ -103,6 +103,22 @@ def test_resume_refuses_what_does_not_fit_and_names_the_checkpoint_to_use(world,
         check_resumable(first, {"variant": "sd15"})
 
 
+def test_resuming_an_earlier_checkpoint_follows_the_new_course_and_keeps_the_old_one_aside(world, tmp_path):
+    """Resuming from checkpoint-2 of a run that reached 4, keeping the last 1: pruning by step number would delete
+    the new checkpoint-3 in favour of the old course's checkpoint-4 (and `--resume latest` would pick that)."""
+    run = tmp_path / "run"
+    train(_cfg(world, run, max_steps=4, save_every=1, keep_last=0), show_progress=False)
+    final = train(_cfg(world, run, max_steps=3, save_every=1, keep_last=1, resume=str(run / "checkpoint-2")),
+                  show_progress=False)  # fmt: skip
+    assert list_checkpoints(run) == [final] == [run / "checkpoint-3"]
+    assert resolve_resume(run, "latest") == final
+    assert (run / "superseded-2-checkpoint-3" / "adapter.safetensors").is_file()  # the old course: kept, not deleted
+    assert (run / "superseded-2-checkpoint-4" / "adapter.safetensors").is_file()
+    (final / "training_state.pt").write_bytes(b"PK\x03\x04 not a zip")  # a disk error after the save
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint-3: training_state.pt is damaged"):
+        train(_cfg(world, run, max_steps=4, resume="latest"), show_progress=False)
+
+
 def test_resume_is_exact(world, tmp_path):
     straight = train(_cfg(world, tmp_path / "a", max_steps=4), show_progress=False)
     train(_cfg(world, tmp_path / "b", max_steps=2), show_progress=False)
@@ -223,6 +239,17 @@ def test_config_file_is_read_overridden_by_flags_and_checked(tmp_path):
         config_from_args(["--config", str(tmp_path / "none.json")])
     with pytest.raises(ValueError, match="resolution must be at least 8 pixels, found 0"):
         config_from_args(["--resolution", "0"])
+    for values, message in (({"batch_size": "8"}, "batch_size must be an integer, found '8'"),
+                            ({"gradient_checkpointing": "false"}, "gradient_checkpointing must be true or false, "
+                                                                  "found 'false'"),  # was read as true
+                            ({"drop_image": -0.5, "drop_text": 0.6}, r"drop_image is a probability: expected a value "
+                                                                     r"in \[0, 1\], found -0.5")):  # fmt: skip
+        (tmp_path / "typed.json").write_text(json.dumps(values))
+        with pytest.raises(ValueError, match=message):
+            config_from_args(["--config", str(tmp_path / "typed.json")])
+    assert config_from_args(["--gradient-checkpointing", "No"]).gradient_checkpointing is False
+    with pytest.raises(SystemExit):  # argparse's error: "expected true or false, found 'ture'" (was: false)
+        config_from_args(["--gradient-checkpointing", "ture"])
     for flag, message in (("--save-every", "save_every must be >= 1, found 0"),  # was a ZeroDivisionError mid-run
                           ("--log-every", "log_every must be >= 1, found 0"),
                           ("--keep-last", "keep_last must be >= 0, found -1"),
@@ -282,6 +309,16 @@ def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
     with pytest.raises(ValueError, match="built for other settings"):
         train(_cfg(world, tmp_path / "c", cache_embeddings=True, cache_dir=str(cache), variant="plus", max_steps=1),
               show_progress=False)
+    # the same data folder with one caption changed is other data: refused, not trained on the old captions
+    import shutil
+
+    data = shutil.copytree(world["data"], tmp_path / "data")
+    train(_cfg(world, tmp_path / "d", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
+               max_steps=1), show_progress=False)  # fmt: skip
+    next(iter(sorted(data.glob("*.txt")))).write_text("another caption")
+    with pytest.raises(ValueError, match="built for other settings .*'records'"):
+        train(_cfg(world, tmp_path / "e", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
+                   max_steps=1), show_progress=False)  # fmt: skip
 
 
 def test_an_interrupted_cache_build_continues_after_its_last_full_shard(world, tmp_path, monkeypatch):
@@ -626,6 +663,13 @@ def test_bad_settings_are_clear_errors(world, tmp_path):
         train(_cfg(world, tmp_path / "run", data=str(tmp_path / "nothing.json")), show_progress=False)
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         train(_cfg(world, tmp_path / "run2", variant="huge"), show_progress=False)
+    with pytest.raises(ValueError, match="--data is required"):  # was: every image under the current folder
+        train(_cfg(world, tmp_path / "run3", data=""), show_progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="--output .*file is a file; expected a folder"):
+        train(_cfg(world, tmp_path / "file"), show_progress=False)
+    with pytest.raises(FileNotFoundError, match="--base .*nowhere not found"):
+        train(_cfg(world, tmp_path / "run4", base=str(tmp_path / "nowhere")), show_progress=False)
 
 
 def test_tensorboard_gets_loss_and_throughput_when_installed(world, tmp_path):

@@ -76,10 +76,47 @@ def save_checkpoint(output: str | Path, step: int, adapter, training_state: dict
 
 
 def load_training_state(checkpoint: str | Path) -> dict:
+    """The optimizer / schedule / RNG / data state of a checkpoint; a damaged file is named, with the checkpoint
+    before it in the same folder to resume from instead."""
     path = Path(checkpoint) / "training_state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{checkpoint} is not a complete training checkpoint: {path.name} missing")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...: all mean damaged
+        raise ValueError(f"cannot resume from {checkpoint}: {path.name} is damaged or not a training state "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         f"{_previous_hint(checkpoint)}") from error  # fmt: skip
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"cannot resume from {checkpoint}: {path.name} holds no training state; "
+                         f"{_previous_hint(checkpoint)}")  # fmt: skip
+    return state
+
+
+def _previous_hint(checkpoint: str | Path) -> str:
+    earlier = [c for c in list_checkpoints(Path(checkpoint).parent) if _step(c) < _step(Path(checkpoint))]
+    return f"the previous checkpoint is {earlier[-1]} (--resume {earlier[-1]})" if earlier else "no earlier checkpoint exists"
+
+
+def _step(checkpoint: Path) -> int:
+    m = _NAME.match(checkpoint.name)
+    return int(m.group(1)) if m else -1
+
+
+def set_aside_later(output: str | Path, step: int) -> list[Path]:
+    """Resuming from `step` starts a new course of the run: checkpoints of the old course beyond it are renamed
+    `superseded-<step>-checkpoint-<n>` (kept, not deleted), so that keeping the last K and `--resume latest`
+    follow the new course instead of deleting its checkpoints in favour of the old ones. Returns the new names."""
+    moved = []
+    for old in list_checkpoints(output):
+        if _step(old) > step:
+            target, n = old.with_name(f"superseded-{step}-{old.name}"), 1
+            while target.exists():  # the same step resumed more than once
+                n += 1
+                target = old.with_name(f"superseded-{step}-{old.name}-{n}")
+            os.replace(old, target)
+            moved.append(target)
+    return moved
 
 
 def resolve_resume(output: str | Path, resume: str) -> Path | None:
@@ -106,7 +143,11 @@ def check_resumable(checkpoint: str | Path, config: dict) -> None:
     saved_path = Path(checkpoint) / "train_config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"cannot resume from {checkpoint}: {saved_path.name} is not valid JSON ({error}); "
+                         f"{_previous_hint(checkpoint)}") from error  # fmt: skip
     differ = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS
               if k in saved and _kind(k, saved[k]) != _kind(k, config[k])]  # fmt: skip
     if differ:

@@ -57,6 +57,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes stored with the run
 
     def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("drop_image", "drop_text", "drop_both"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a probability: expected a value in [0, 1], found {getattr(self, name)}")
         total = self.drop_image + self.drop_text + self.drop_both
         if not 0 <= total <= 1:
             raise ValueError(f"drop probabilities must sum to a value in [0, 1], found {total}")
@@ -80,6 +84,17 @@ class TrainConfig:
             check_backend(self.compile)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
+
+    def _check_types(self) -> None:
+        """Each field has its declared type (a --config JSON may say "8" or "false"): ints may stand for floats,
+        nothing else is converted, so a quoted "false" is not read as True."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), type(f.default) if f.default is not dataclasses.MISSING else dict
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+                raise ValueError(f"{f.name} must be {expected}, found {value!r} ({type(value).__name__})")
 
     def resolved(self) -> TrainConfig:
         """This config with an empty mixed_precision replaced by the launcher's, as diffusers' training scripts do:

@@ -29,7 +29,8 @@ from ..compiling import check_requirements
 from ..variants import get_variant
 from . import sharded
 from .cache import EmbeddingCache, build_cache, fingerprint
-from .checkpointing import check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint
+from .checkpointing import (check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint,
+                            set_aside_later)
 from .config import TrainConfig, field_help
 from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, read_records
 from .models import encode_text, load_frozen_models, tokenize_fn
@@ -151,6 +152,16 @@ class Trainer:
     def setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         check_requirements(cfg.compile, acc.device.type)  # before any model work
+        if not cfg.data:
+            raise ValueError("--data is required: a JSON list, JSON Lines, a folder of images with .txt captions, "
+                             "WebDataset shards (*.tar, {a..b}) or tinyworld:N")  # fmt: skip
+        for flag, value in (("--base", cfg.base), ("--image-encoder", cfg.image_encoder)):
+            if value and "::" not in value and (value.startswith(("/", "./", "../", "~")) or value.count("/") > 1) \
+                    and not Path(value).expanduser().exists():  # a path (hub ids are "owner/name")  # fmt: skip
+                raise FileNotFoundError(f"{flag} {value} not found (expected a diffusers folder or a hub id owner/name)")
+        for flag, folder in (("--output", self.output), ("--cache-dir", Path(cfg.cache_dir) if cfg.cache_dir else None)):
+            if folder is not None and folder.exists() and not folder.is_dir():
+                raise ValueError(f"{flag} {folder} is a file; expected a folder")
         self.resume_from = resolve_resume(self.output, cfg.resume)
         if self.resume_from is None and list_checkpoints(self.output):
             raise ValueError(
@@ -164,6 +175,7 @@ class Trainer:
             check_resumable(self.resume_from, dataclasses.asdict(cfg))
             resumed = load_training_state(self.resume_from)
             sharded.check_resumable(self.resume_from, resumed, self.deepspeed, acc.num_processes)
+        self._read_data()  # before the models: a wrong path or an empty dataset costs no model load
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
@@ -235,17 +247,14 @@ class Trainer:
             hint = f"the previous checkpoint is {earlier[-1]} (--resume {earlier[-1]})" if earlier else "no other checkpoint exists"
             raise ValueError(f"cannot resume from {self.resume_from}: {error}; {hint}") from error
 
-    def _setup_data(self) -> None:
-        cfg, models = self.cfg, self.models
-        clip = models.image_encoder.processor if models.image_encoder is not None else None
-        self.cache: EmbeddingCache | None = None
+    def _read_data(self) -> None:
+        """The records of a finite dataset (`self.records`; None for WebDataset shards, streamed later)."""
+        cfg = self.cfg
         self.streaming = is_webdataset(cfg.data)
         if self.streaming:
             if cfg.cache_embeddings:
                 raise ValueError("the embedding cache needs a finite dataset (JSON, JSONL or a folder), not WebDataset shards")
             self.records = None
-            self.validation_records = [r for _, r in zip(range(cfg.validation_images), iter_webdataset(cfg.data))]
-            self.dataset = None
             return
         records = read_records(cfg.data, cfg.image_root)
         if cfg.max_samples:
@@ -257,13 +266,25 @@ class Trainer:
                     f"--variant {cfg.variant} trains on face embeddings: every record needs an 'id_embed_file'; "
                     f"{len(missing)} of {len(records)} in {cfg.data} have none (first: {missing[0]})"
                 )
+        if not records:
+            raise ValueError(f"no usable training samples in {cfg.data}")
         self.records = records
+
+    def _setup_data(self) -> None:
+        cfg, models = self.cfg, self.models
+        clip = models.image_encoder.processor if models.image_encoder is not None else None
+        self.cache: EmbeddingCache | None = None
+        if self.streaming:
+            self.validation_records = [r for _, r in zip(range(cfg.validation_images), iter_webdataset(cfg.data))]
+            self.dataset = None
+            return
+        records = self.records
         self.validation_records = records[: cfg.validation_images]
         dataset = TrainDataset(records, cfg.resolution, clip, self.tokenize)
         if cfg.cache_embeddings:
             expected = fingerprint(base=cfg.base, image_encoder=cfg.image_encoder, feature=self.feature,
-                                   resolution=cfg.resolution, data=cfg.data, samples=len(records),
-                                   dtype=self._weight_dtype())
+                                   resolution=cfg.resolution, data=cfg.data, image_root=cfg.image_root,
+                                   samples=len(records), records=records_digest(records), dtype=self._weight_dtype())
             folder = Path(cfg.cache_dir or self.output / "cache")
             with self.accelerator.main_process_first():
                 if self.accelerator.is_main_process:
@@ -436,6 +457,11 @@ class Trainer:
         stops at once. Before (loading models, building the cache) they act as usual: there is nothing to save yet.
         """
         self.setup()
+        if self.resume_from is not None and self.accelerator.is_main_process:
+            for moved in set_aside_later(self.output, self.step):  # a new course of the run from an older checkpoint
+                print(f"resuming from step {self.step}: the later {moved.name.split('-', 2)[2]} of the earlier course "
+                      f"is kept as {moved}", file=sys.stderr)  # fmt: skip
+        self.accelerator.wait_for_everyone()
         previous = self._catch_signals()
         try:
             return self._loop()
@@ -562,6 +588,19 @@ class Trainer:
         return score
 
 
+def records_digest(records) -> str:
+    """What the cache was built from: each record's key, caption and where its image and face embedding come from
+    (a changed --image-root, list or caption changes it; an image replaced in place under the same name does not)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for r in records:
+        source = r.image_path or f"<{len(r.image_bytes)} bytes {hashlib.sha256(r.image_bytes).hexdigest()[:16]}>"
+        digest.update(json.dumps([r.key, r.text, str(Path(source).resolve()) if r.image_path else source,
+                                  r.face_id_path]).encode())  # fmt: skip
+    return digest.hexdigest()
+
+
 def collate_cached(items: list[dict]) -> dict:
     batch = {"skipped": 0}
     for key in items[0]:
@@ -573,6 +612,14 @@ def collate_cached(items: list[dict]) -> dict:
 def train(cfg: TrainConfig, show_progress: bool = True) -> Path:
     """Runs `cfg`; returns the final checkpoint folder."""
     return Trainer(cfg, show_progress).run()
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, yes/no, 1/0 (any case); anything else is refused rather than read as false."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, found {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL",
+            parser.add_argument(flag, type=parse_bool, default=None, metavar="BOOL",
                                 help=f"{helps.get(f.name, '')} (default: {default})")
         else:
             parser.add_argument(flag, type=type(default), default=None, help=f"{helps.get(f.name, '')} (default: {default!r})")
@@ -618,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         final = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, hub ids that cannot be fetched
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
