@@ -134,6 +134,26 @@ def test_same_pixels_as_diffusers_on_sdxl(tmp_path):
     found = prompter(image=reference, scale=0.8, generator=torch.Generator("cpu").manual_seed(2), **common).images
     prompter.detach()
     assert abs(expected - found).max() <= 1e-5
+    # the CLI without --negative-prompt: what diffusers gives without negative_prompt (SDXL: zero embeddings, since
+    # the pipeline's force_zeros_for_empty_prompt; not the encoded empty prompt)
+    from PIL import Image
+
+    from ipadapter.cli import main
+
+    reference.save(tmp_path / "ref.png")
+    assert main(["generate", "--image", str(tmp_path / "ref.png"), "--prompt", "a red shape", "--scale", "0.8",
+                 "--steps", "3", "--seed", "2", "--width", "16", "--height", "16", "--base", str(base), "--adapter",
+                 str(tmp_path / "ip.bin"), "--image-encoder", str(tmp_path / "image_encoder"), "--out",
+                 str(tmp_path / "out")]) == 0  # fmt: skip
+    cli = np.asarray(Image.open(tmp_path / "out" / "000002-000.png")).astype(int)
+    saved = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path)
+    saved.scheduler = StableDiffusionXLPipeline.from_pretrained(base).scheduler  # the folder's own, as the CLI uses
+    saved.set_ip_adapter_scale(0.8)
+    run = {**common, "ip_adapter_image": reference}
+    diffusers = saved(generator=torch.Generator("cpu").manual_seed(2), **run).images[0]
+    empty = saved(generator=torch.Generator("cpu").manual_seed(2), negative_prompt="", **run).images[0]
+    assert abs(cli - (diffusers * 255).round()).max() <= 1
+    assert abs(cli - (empty * 255).round()).max() > 10  # the encoded empty prompt would be another image
 
 
 def test_loading_asks_diffusers_and_transformers_for_the_dtype_without_deprecated_keywords(sd):

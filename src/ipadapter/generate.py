@@ -406,7 +406,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
         save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=image_masks(cfg)), adapter.config.image_feature,
                     encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
-    kwargs: dict = {"negative_prompt": cfg.negative_prompt, "num_images_per_prompt": cfg.num_images,
+    # no negative prompt: None, as a diffusers user leaves it (SD: the empty prompt; SDXL: zeros, force_zeros_for_empty_prompt)
+    kwargs: dict = {"negative_prompt": cfg.negative_prompt or None, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
     kwargs.update({k: v for k, v in (("width", cfg.width), ("height", cfg.height)) if v is not None})
     if cfg.init_image:
