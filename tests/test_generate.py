@@ -268,7 +268,9 @@ def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_pa
     cases = [(str(root / "ip-adapter.safetensors"), r"is not a single-file Stable Diffusion checkpoint: expected "
                                                    r"model.diffusion_model.\* tensors .* such as \['image_proj"),
              (str(root / "ref.png"), r"is neither a diffusers pipeline folder nor a single-file checkpoint"),
-             (str(tmp_path), r"is not a diffusers pipeline folder: model_index.json missing")]  # fmt: skip
+             (str(tmp_path), r"is not a diffusers pipeline folder: model_index.json missing"),
+             (str(tmp_path / "text.ckpt"), r"text.ckpt is not a readable .ckpt checkpoint .* starting with b'not '")]  # fmt: skip
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
     monkeypatch.setattr(ipadapter.sources, "load_pipeline", None)  # any model work would fail differently
     import re
 

@@ -57,6 +57,12 @@ def check_base(base: str) -> None:
         if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{p} is neither a diffusers pipeline folder nor a single-file checkpoint "
                              f"({' / '.join(SINGLE_FILE_SUFFIXES)})")  # fmt: skip
+        if p.suffix.lower() == ".ckpt":
+            with open(p, "rb") as f:
+                head = f.read(4)
+            if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+                raise ValueError(f"{p} is not a readable .ckpt checkpoint (expected a torch.save archive; found a file "
+                                 f"starting with {head!r})")  # fmt: skip
         if p.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
