@@ -218,12 +218,18 @@ def unet_config(cfg: GenerateConfig) -> dict | None:
     base = Path(resolve_base(cfg.base))
     folder = base if base.is_dir() else Path(cfg.base_config) if cfg.base_config else None
     path = None if folder is None else folder / "unet" / "config.json"
-    if path is None or not path.is_file():
-        return None
+    return read_config(path) if path is not None and path.is_file() else None
+
+
+def read_config(path: Path) -> dict:
+    """A model's config.json; an unreadable one is named."""
     try:
-        return json.loads(path.read_text())
-    except ValueError as error:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable JSON config: {error}") from error
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} is not a model config: expected a JSON object, found {type(found).__name__}")
+    return found
 
 
 def check_models(cfg: GenerateConfig) -> None:
@@ -293,15 +299,16 @@ def check_controlnet(cfg: GenerateConfig, unet: dict) -> None:
     path = Path(cfg.controlnet) / "config.json"
     if not path.is_file():
         return  # a hub id
-    control = json.loads(path.read_text())
+    control = read_config(path)
     for key in ("cross_attention_dim", "block_out_channels", "layers_per_block"):
         if key in control and key in unet and control[key] != unet[key]:
             raise ValueError(f"the ControlNet {cfg.controlnet} is for a UNet with {key} {control[key]}; the base's "
                              f"UNet has {unet[key]}")  # fmt: skip
     base = Path(resolve_base(cfg.base))
-    vae_path = (base if base.is_dir() else Path(cfg.base_config)) / "vae" / "config.json"
-    if vae_path.is_file() and "conditioning_embedding_out_channels" in control:
-        vae = json.loads(vae_path.read_text())
+    folder = base if base.is_dir() else Path(cfg.base_config) if cfg.base_config else None
+    vae_path = None if folder is None else folder / "vae" / "config.json"
+    if vae_path is not None and vae_path.is_file() and "conditioning_embedding_out_channels" in control:
+        vae = read_config(vae_path)
         latent = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
         condition = 2 ** (len(control["conditioning_embedding_out_channels"]) - 1)
         if latent != condition:
