@@ -276,6 +276,11 @@ class Trainer:
         self.cache: EmbeddingCache | None = None
         if self.streaming:
             self.validation_records = [r for _, r in zip(range(cfg.validation_images), iter_webdataset(cfg.data))]
+            if self.variant.id_embed_dim:  # a FaceID run needs face-embedding members (`face.npy`)
+                first = next((r for r in iter_webdataset(cfg.data) if not r.problem), None)
+                if first is not None and not first.face_id_path:
+                    raise ValueError(f"--variant {cfg.variant} trains on face embeddings: the records of {cfg.data} "
+                                     f"need a face.npy member (one 512-d ArcFace embedding); {first.key} has none")  # fmt: skip
             self.dataset = None
             return
         records = self.records
@@ -304,9 +309,11 @@ class Trainer:
         world, rank = acc.num_processes, acc.process_index
         if self.streaming:
             while True:
+                start = self.position
                 ds = StreamingDataset(cfg.data, cfg.resolution,
                                       self.models.image_encoder.processor if self.models.image_encoder else None,
-                                      self.tokenize, skip=self.position)
+                                      self.tokenize, skip=start, batch_size=cfg.batch_size * world,
+                                      max_samples=cfg.max_samples, seed=cfg.seed, epoch=self.epoch)  # fmt: skip
                 loader = DataLoader(ds, batch_size=cfg.batch_size * world, num_workers=cfg.num_workers,
                                     worker_init_fn=ignore_stop_signals,
                                     collate_fn=lambda items: items)
@@ -315,7 +322,7 @@ class Trainer:
                     any_batch = True
                     self.position += len(items)
                     yield collate(items[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
-                if not any_batch:
+                if not any_batch and start == 0:  # (a resume saved after an epoch's last batch finds none: next epoch)
                     raise ValueError(f"no samples in {cfg.data}")
                 self.epoch, self.position = self.epoch + 1, 0
         n = len(self.dataset)
