@@ -56,6 +56,11 @@ def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     lines_after = [json.loads(line) for line in part.read_text().splitlines()]
     assert [item["index"] for item in lines_after] == [0, 1, 2]  # only the cut pair was redone, the same way
     assert lines_after[2]["per_image_clip_i"] == json.loads(lines[2])["per_image_clip_i"]
+    # another configuration into the same folder would mix its pairs with these: refused, naming what differs
+    assert main([*args, "--scale", "0.5"]) == 2
+    assert "holds results of another evaluation (scale: 1.0 there, 0.5 now)" in capsys.readouterr().err
+    assert main([*args, "--limit", "2"]) == 0  # a shorter run over the same pairs summarises its own pairs only
+    assert json.loads((out / "summary.json").read_text())["pairs"] == 2
 
 
 COUNTED_GRAPHS: list = []  # what `_counting_backend` was given
@@ -111,6 +116,23 @@ def test_eval_clip_counts_unreadable_references_and_fails_when_none_is_left(tmp_
     (tmp_path / "bad.json").write_text(json.dumps(pairs[1:]))
     assert main([*args[:2], "--data", str(tmp_path / "bad.json"), *args[4:], "--out", str(tmp_path / "b")]) == 2
     assert "error: no pair of" in capsys.readouterr().err
+    render(_scene()).save(tmp_path / "missing.png")  # the missing reference arrives: the rerun evaluates it
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["pairs"], summary["skipped"]) == (2, 1)
+    capsys.readouterr()
+
+
+def test_pairs_without_a_caption_get_clip_i_and_no_clip_t(tmp_path, capsys):
+    """CLIP-T against an empty caption is a number (and a high one): such pairs count for CLIP-I only."""
+    render(_scene()).save(tmp_path / "a.png")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"image_file": "a.png", "text": ""}]))
+    assert main(["eval", "clip", "--data", str(tmp_path / "pairs.json"), "--images-per-pair", "1", "--steps", "2",
+                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["pairs"] == 1 and summary["clip_i"] is not None
+    assert (summary["captioned"], summary["clip_t"], summary["clipscore"]) == (0, None, None)
+    assert "CLIP-T and CLIPScore over the 0 pair(s) with a caption; 1 have none" in capsys.readouterr().out
 
 
 def test_eval_tinyworld_prints_cp_pf_rows(tmp_path, capsys):
@@ -169,9 +191,38 @@ def test_fid_and_lpips_say_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics", None)
     image = Image.new("RGB", (8, 8))
     with pytest.raises(ImportError, match=r"FID needs torchmetrics: `pip install torchmetrics\[image\]`"):
-        fid([image], [image])
+        fid([image, image], [image, image])
+    with pytest.raises(ValueError, match="expected at least 2 images in each, found 1 real and 2 generated"):
+        fid([image], [image, image])  # no covariance from one image: said before any model loads
     with pytest.raises(ImportError, match="LPIPS needs torchmetrics"):
         lpips([image], [image])
+
+
+def test_lpips_compares_each_image_with_the_reference_at_its_size(monkeypatch):
+    """A 96x64 generated image against a 64x64 reference: the reference is resized to 96x64 (it used to be squashed
+    to 96x96 beside an unresized image, shapes that cannot be compared)."""
+    import types
+
+    from PIL import Image
+
+    seen = []
+
+    class Metric:
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, x, y):
+            seen.append((tuple(x.shape), tuple(y.shape)))
+            return torch.tensor(0.5)
+
+    module = types.ModuleType("torchmetrics.image.lpip")
+    module.LearnedPerceptualImagePatchSimilarity = Metric
+    monkeypatch.setitem(sys.modules, "torchmetrics", types.ModuleType("torchmetrics"))
+    monkeypatch.setitem(sys.modules, "torchmetrics.image", types.ModuleType("torchmetrics.image"))
+    monkeypatch.setitem(sys.modules, "torchmetrics.image.lpip", module)
+    generated = [Image.new("RGB", (96, 64)), Image.new("RGB", (96, 64))]
+    assert lpips(generated, [Image.new("RGB", (64, 64))] * 2) == 0.5
+    assert seen == [((2, 3, 64, 96), (2, 3, 64, 96))]
 
 
 def test_eval_clip_shards_pairs_over_two_processes(tmp_path):

@@ -115,6 +115,9 @@ def cmd_eval_face(args: argparse.Namespace) -> int:
 
     reference = load_image(args.reference)
     generated = [load_image(p) for p in args.generated]
+    if args.fid_real and min(len(args.fid_real), len(generated)) < 2:  # before any model loads
+        raise ValueError(f"FID compares two image sets: expected at least 2 images in each, found "
+                         f"{len(args.fid_real)} --fid-real and {len(generated)} --generated")  # fmt: skip
     report: dict = {}
     if not args.no_identity:
         scores = identity_similarity(FaceEmbedder(name=args.insightface_model, root=args.insightface_root),
@@ -123,7 +126,9 @@ def cmd_eval_face(args: argparse.Namespace) -> int:
         report["identity_similarity"] = sum(found) / len(found) if found else None
         report["faces_found"] = f"{len(found)}/{len(scores)}"
     if args.fid_real:
-        report["fid"] = fid([load_image(p) for p in args.fid_real], generated)
+        real = [load_image(p) for p in args.fid_real]
+        report["fid"] = fid(real, generated)
+        report["fid_images"] = {"real": len(real), "generated": len(generated)}  # FIDs compare at equal set sizes only
     if args.lpips:
         report["lpips_to_reference"] = lpips(generated, [reference] * len(generated))
     print(json.dumps(report, indent=2))

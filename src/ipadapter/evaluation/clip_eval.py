@@ -84,8 +84,11 @@ def _valid(line: str) -> bool:
         return False
 
 
-def _done(out: Path) -> dict[int, dict]:
-    found = {}
+def _done(out: Path, records: list) -> dict[int, dict]:
+    """The results in OUT of this run's pairs, by index: lines of pairs beyond `records` (an earlier, longer
+    --limit) or of another key at that index are not this run's; a scored line wins over a skipped one (a reference
+    that was missing then and is readable now is redone)."""
+    found: dict[int, dict] = {}
     for part in sorted(out.glob("results.rank*.jsonl")):
         for line in part.read_text(encoding="utf-8").splitlines():
             if line.strip():
@@ -93,8 +96,35 @@ def _done(out: Path) -> dict[int, dict]:
                     item = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill: that pair is redone
-                found[int(item["index"])] = item
+                i = int(item["index"])
+                if i >= len(records) or item.get("key") != records[i].key:
+                    continue
+                if i not in found or "skipped" in found[i]:
+                    found[i] = item
     return found
+
+
+# What the results in OUT depend on: a rerun with other values would mix its pairs with the earlier ones.
+RESULT_FIELDS = ("data", "image_root", "base", "adapter", "image_encoder", "clip", "scale", "preset", "images_per_pair",
+                 "with_text", "steps", "guidance", "seed", "dtype")  # fmt: skip
+
+
+def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
+    """A rerun into OUT must have the values of OUT/run.json (else it would mix results); `write`: record them
+    there on the first run (the main process, after every process has checked)."""
+    wanted = {k: getattr(cfg, k) for k in RESULT_FIELDS}
+    path = out / "run.json"
+    if not path.is_file():
+        if any(out.glob("results.rank*.jsonl")):
+            raise ValueError(f"{out} holds results of a run that recorded no settings (run.json); use a new --out")
+        if write:
+            path.write_text(json.dumps(wanted, indent=2))
+        return
+    saved = json.loads(path.read_text())
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in wanted.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"{out} holds results of another evaluation ({'; '.join(differ)}); resume with its settings "
+                         "or use a new --out")  # fmt: skip
 
 
 class _SingleProcess:
@@ -118,9 +148,14 @@ def _process_state(device: str):
 
 
 def summarize(items: list[dict], cfg: ClipEvalConfig) -> dict:
+    """Means over the scored pairs; CLIP-T and CLIPScore over those with a caption (`captioned`)."""
     n = len(items)
-    means = {k: (sum(float(it[k]) for it in items) / n if n else None) for k in SUMMARY_KEYS}
-    return {"pairs": n, "images_per_pair": cfg.images_per_pair, **means, "config": asdict(cfg)}
+    means = {}
+    for k in SUMMARY_KEYS:
+        values = [float(it[k]) for it in items if it.get(k) is not None]
+        means[k] = sum(values) / len(values) if values else None
+    captioned = sum(1 for it in items if it.get("clip_t") is not None)
+    return {"pairs": n, "captioned": captioned, "images_per_pair": cfg.images_per_pair, **means, "config": asdict(cfg)}
 
 
 def markdown(summary: dict) -> str:
@@ -136,10 +171,13 @@ def markdown(summary: dict) -> str:
         + f"; scoring CLIP `{cfg['clip']}`; data `{cfg['data']}`; "
         + f"{cfg['images_per_pair']} images per pair; text prompt: {'the caption' if cfg['with_text'] else 'none'}",
         "",
-        "| pairs | CLIP-I | CLIP-T | CLIPScore |",
+        "| pairs | CLIP-I | CLIP-T (cosine) | CLIPScore = 2.5 max(cos, 0), the paper's CLIP-T |",
         "|---|---|---|---|",
         f"| {summary['pairs']} | {f(summary['clip_i'])} | {f(summary['clip_t'])} | {f(summary['clipscore'])} |",
         "",
+        *([f"CLIP-T and CLIPScore over the {summary['captioned']} pair(s) with a caption; "
+           f"{summary['pairs'] - summary['captioned']} have none.", ""]
+          if summary.get("captioned", summary["pairs"]) != summary["pairs"] else []),
         *([(f"{summary['skipped']} pair(s) skipped: reference image missing or unreadable (listed in "
             "results.rank*.jsonl)."), ""] if summary.get("skipped") else []),
     ])  # fmt: skip
@@ -167,7 +205,9 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     state = _process_state(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    done = _done(out)
+    _check_run(out, cfg, write=state.is_main_process)  # every process refuses alike, before any waits for another
+    state.wait_for_everyone()
+    done = {i: it for i, it in _done(out, records).items() if "skipped" not in it}  # a skipped pair is tried again
     mine = [i for i in range(len(records)) if i % state.num_processes == state.process_index and i not in done]
     if mine:
         dtype = parse_dtype(cfg.dtype)
@@ -198,10 +238,11 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
                                       num_images_per_prompt=cfg.images_per_pair,
                                       generator=torch.Generator("cpu").manual_seed(cfg.seed + i), **kwargs).images  # fmt: skip
                     ci = scorer.clip_i(images, reference)
-                    ct = scorer.clip_t(images, records[i].text)
                     item = {"index": i, "key": records[i].key, "text": records[i].text, "clip_i": float(ci.mean()),
-                            "clip_t": float(ct.mean()), "clipscore": float(clipscore(ct).mean()),
-                            "per_image_clip_i": [round(float(x), 5) for x in ci]}  # fmt: skip
+                            "clip_t": None, "clipscore": None, "per_image_clip_i": [round(float(x), 5) for x in ci]}
+                    if records[i].text.strip():  # no caption: no CLIP-T (against "" it would be a number, and high)
+                        ct = scorer.clip_t(images, records[i].text)
+                        item.update(clip_t=float(ct.mean()), clipscore=float(clipscore(ct).mean()))
                     if cfg.save_images:
                         (out / "images").mkdir(exist_ok=True)
                         for j, image in enumerate(images):
@@ -210,9 +251,10 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
                 results.flush()
         prompter.detach()
     state.wait_for_everyone()
-    items = [it for it in _done(out).values() if "clip_i" in it]
+    results = _done(out, records)
+    items = [it for it in results.values() if "clip_i" in it]
     summary = summarize(items, cfg)
-    summary["skipped"] = sum(1 for it in _done(out).values() if "skipped" in it)
+    summary["skipped"] = sum(1 for it in results.values() if "skipped" in it)
     if state.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "summary.md").write_text(markdown(summary))

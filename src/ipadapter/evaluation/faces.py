@@ -32,8 +32,11 @@ def identity_similarity(embedder, generated: Sequence[Image.Image], reference: I
     return scores
 
 
-def _uint8_batch(images: Sequence[Image.Image], size: int | None = None) -> torch.Tensor:
-    arrays = [np.asarray(i.convert("RGB").resize((size, size)) if size else i.convert("RGB")) for i in images]
+def _uint8_batch(images: Sequence[Image.Image], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8 of images resized to `size` (width, height), or as they are (then all of one size)."""
+    if size is None and len({i.size for i in images}) > 1:
+        raise ValueError(f"expected images of one size, found {sorted({i.size for i in images})}")
+    arrays = [np.asarray(i.convert("RGB").resize(size) if size else i.convert("RGB")) for i in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
 
 
@@ -46,7 +49,13 @@ def _torchmetrics(what: str):
 
 
 def fid(real: Sequence[Image.Image], generated: Sequence[Image.Image], feature: int = 2048) -> float:
-    """Fréchet Inception Distance between two image sets (torchmetrics / torch-fidelity Inception weights)."""
+    """Fréchet Inception Distance between two image sets (torchmetrics / torch-fidelity Inception weights).
+
+    Each set needs at least 2 images (a covariance); FID is biased upward for small sets, and below `feature` images
+    per set its covariances are singular: compare FIDs only at equal set sizes (the count is reported with it)."""
+    if min(len(real), len(generated)) < 2:
+        raise ValueError(f"FID compares the statistics of two image sets: expected at least 2 images in each, found "
+                         f"{len(real)} real and {len(generated)} generated")  # fmt: skip
     _torchmetrics("FID")
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -54,8 +63,8 @@ def fid(real: Sequence[Image.Image], generated: Sequence[Image.Image], feature: 
         metric = FrechetInceptionDistance(feature=feature)
     except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as e:
         raise FileNotFoundError(f"FID needs torch-fidelity's Inception weights in the local torch hub cache: {e}") from e
-    metric.update(_uint8_batch(real, 299), real=True)
-    metric.update(_uint8_batch(generated, 299), real=False)
+    metric.update(_uint8_batch(real, (299, 299)), real=True)
+    metric.update(_uint8_batch(generated, (299, 299)), real=False)
     return float(metric.compute())
 
 
@@ -70,6 +79,7 @@ def lpips(a: Sequence[Image.Image], b: Sequence[Image.Image], net: str = "alex")
         metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
     except (ImportError, ModuleNotFoundError, OSError, RuntimeError) as e:
         raise FileNotFoundError(f"LPIPS needs torchvision's {net} weights in the local torch hub cache: {e}") from e
-    x = _uint8_batch(a).float() / 255
-    y = _uint8_batch(b, a[0].size[0]).float() / 255
+    size = a[0].size  # every image at the first one's (width, height): the reference is resized, not squashed square
+    x = _uint8_batch(a, size).float() / 255
+    y = _uint8_batch(b, size).float() / 255
     return float(metric(x, y))
