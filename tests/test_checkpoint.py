@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import REFERENCE, real_unet_on_meta, reference_json, tiny_unet
 
 from ipadapter import IPAdapter, load_adapter, read_tensors
@@ -140,6 +141,48 @@ def test_official_trainer_state_is_read_without_hand_conversion(tmp_path):
     assert torch.equal(adapter.layers[0].to_k_ip.weight, source["ip_adapter.1.to_k_ip.weight"])
 
 
+def test_accelerates_default_save_of_the_official_trainer_loads(tmp_path):
+    """`accelerator.save_state()` as tutorial_train.py calls it writes model.safetensors, which keeps one name of
+    tied tensors: the processors are both `adapter_modules.*` and `unet.*.processor.*`, and only the latter may be
+    kept (the official repo's "lost adapter keys" issues). The weights come back from the UNet's processor names."""
+    from accelerate import Accelerator
+    from torch import nn
+
+    class AttnProcessor(nn.Module):  # the official self-attention processor: an nn.Module without parameters
+        pass
+
+    class Processor(nn.Module):  # the official IPAttnProcessor's parameters (its forward is not needed here)
+        def __init__(self, hidden: int, cross: int) -> None:
+            super().__init__()
+            self.to_k_ip = nn.Linear(cross, hidden, bias=False)
+            self.to_v_ip = nn.Linear(cross, hidden, bias=False)
+
+    class Trainer(nn.Module):  # tutorial_train.py's IPAdapter: unet, image_proj_model, adapter_modules
+        def __init__(self, unet) -> None:
+            super().__init__()
+            self.unet = unet
+            self.image_proj_model = nn.ModuleDict({"proj": nn.Linear(40, 4 * 32), "norm": nn.LayerNorm(32)})
+            self.adapter_modules = nn.ModuleList(unet.attn_processors.values())
+
+    unet = tiny_unet("sd15")
+    widths = {layer.name: layer.hidden_size for layer in cross_attention_layers(unet)}
+    torch.manual_seed(0)
+    unet.set_attn_processor({name: Processor(widths[name.removesuffix(".processor")], 32)
+                             if name.removesuffix(".processor") in widths else AttnProcessor()
+                             for name in unet.attn_processors})  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(Trainer(unet))
+    accelerator.save_state(str(tmp_path / "checkpoint"))  # as tutorial_train.py, with accelerate's defaults
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    assert not any(k.startswith("adapter_modules.") for k in saved)  # what made these files unloadable
+    adapter = load_adapter(tmp_path / "checkpoint" / "model.safetensors")
+    trained = [m for m in model.adapter_modules if isinstance(m, Processor)]
+    assert len(adapter.layers) == len(trained) == len(widths)
+    for ours, theirs in zip(adapter.layers, trained):
+        assert torch.equal(ours.to_k_ip.weight, theirs.to_k_ip.weight)
+        assert torch.equal(ours.to_v_ip.weight, theirs.to_v_ip.weight)
+
+
 # ---- rejections ---------------------------------------------------------------------------------------------
 def test_sdxl_adapter_on_sd15_unet_is_rejected_before_anything_changes():
     adapter = adapter_from_tensors(reference_tensors("ip-adapter_sdxl"), {}, "ip-adapter_sdxl.bin")
@@ -165,6 +208,25 @@ def test_vit_bigg_encoder_for_vit_h_adapter_is_rejected():
         bigg = CLIPVisionModelWithProjection(cfg)
     with pytest.raises(ValueError, match=r"expects 1024-d pooled features from ViT-H/14.*gives 1280-d \(ViT-bigG/14"):
         check_encoder(adapter.config, bigg)
+
+
+def test_an_encoder_without_a_trained_projection_is_refused_for_pooled_adapters(tmp_path):
+    """A CLIPVisionModel folder (no visual_projection) loads as CLIPVisionModelWithProjection with a random
+    projection: its image_embeds would be noise. Pooled adapters refuse it; penultimate ones need no projection."""
+    from tiny_models import tiny_clip_vision
+    from transformers import CLIPVisionModel
+
+    from ipadapter import ImageEncoder, check_encoder
+
+    vision = tiny_clip_vision(image_size=28)
+    CLIPVisionModel(vision.config).save_pretrained(tmp_path / "no-projection")
+    vision.save_pretrained(tmp_path / "full")
+    encoder = ImageEncoder.from_pretrained(tmp_path / "no-projection")
+    assert not encoder.has_projection and ImageEncoder.from_pretrained(tmp_path / "full").has_projection
+    base = IPAdapter.for_unet(tiny_unet("sd15"), "base", image_embed_dim=encoder.pooled_dim).config
+    with pytest.raises(ValueError, match=r"reads pooled, projected image_embeds; the image encoder has no trained"):
+        check_encoder(base, encoder)
+    check_encoder(IPAdapter.for_unet(tiny_unet("sd15"), "plus", image_embed_dim=encoder.hidden_dim).config, encoder)
 
 
 def test_plus_adapter_given_pooled_embeddings_says_what_it_needs():

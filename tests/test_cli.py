@@ -53,3 +53,38 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert main(["eval", "tinyworld", "--n", "0"]) == 2
     assert "n must be >= 1, found 0" in capsys.readouterr().err
+
+
+def test_convert_never_writes_what_would_read_back_as_another_adapter(tmp_path, capsys):
+    """The official layout has no config: a reader detects it again from keys, shapes and the file name. A FaceID-
+    PlusV2 adapter written to a name without "plusv2" would come back as FaceID-Plus (another model), and converting
+    onto the input file would replace the original: both are refused and nothing is written."""
+    adapter = IPAdapter.for_unet(tiny_unet("sd15"), "faceid_plusv2", image_embed_dim=48)
+    ours = tmp_path / "face.safetensors"
+    adapter.save(ours)
+    assert main(["convert", str(ours), str(tmp_path / "face.bin"), "--to", "official"]) == 2
+    err = capsys.readouterr().err
+    assert "face.bin would not read back as this adapter (shortcut: True -> False)" in err and "plusv2" in err
+    assert not (tmp_path / "face.bin").exists()
+    assert main(["convert", str(ours), str(tmp_path / "face-plusv2.bin"), "--to", "official"]) == 0
+    back = load_adapter(tmp_path / "face-plusv2.bin")
+    assert back.config.shortcut and all((a == b).all() for a, b in zip(back.state_dict().values(),
+                                                                         adapter.state_dict().values()))  # fmt: skip
+    before = ours.read_bytes()
+    assert main(["convert", str(ours), str(ours), "--to", "ipadapter"]) == 2
+    assert "is the input file" in capsys.readouterr().err and ours.read_bytes() == before
+
+
+def test_inspect_counts_the_adapter_of_a_trainer_state_not_its_unet(tmp_path, capsys):
+    import torch
+
+    source = reference_tensors("ip-adapter_sd15", device="cpu")
+    state = {"unet.conv_in.weight": torch.zeros(320, 4, 3, 3, dtype=torch.float32)}
+    for key, value in source.items():
+        section, rest = key.split(".", 1)
+        state[("image_proj_model." if section == "image_proj" else "adapter_modules.") + rest] = value
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert main(["inspect", str(tmp_path / "pytorch_model.bin"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == sum(v.numel() for v in source.values())
+    assert info["dtype"] == ", ".join(sorted({str(v.dtype).removeprefix("torch.") for v in source.values()}))

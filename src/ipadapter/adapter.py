@@ -131,10 +131,10 @@ class IPAdapter(nn.Module):
     def _check_unet(self, unet: nn.Module) -> list[AttentionLayer]:
         """Validates that this adapter fits `unet`; returns its cross-attention layers. Changes nothing."""
         cfg = self.config
-        cross = cross_attention_layers(unet)
-        unet_cross_dim = int(getattr(unet.config, "cross_attention_dim", -1))
         if isinstance(getattr(unet.config, "cross_attention_dim", None), (list, tuple)):
             raise ValueError("UNets with per-block cross_attention_dim are not supported")
+        cross = cross_attention_layers(unet)
+        unet_cross_dim = int(getattr(unet.config, "cross_attention_dim", -1))
         if len(cross) != cfg.num_layers or unet_cross_dim != cfg.cross_attention_dim:
             from .config import base_family
 

@@ -108,7 +108,9 @@ def detect_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         return "ipadapter"
     if any(k.startswith("image_proj.") for k in tensors) and any(k.startswith("ip_adapter.") for k in tensors):
         return "official"
-    if any(k.startswith("image_proj_model.") for k in tensors) and any(k.startswith("adapter_modules.") for k in tensors):
+    if any(k.startswith("image_proj_model.") for k in tensors) and any(
+        k.startswith("adapter_modules.") or (k.startswith("unet.") and ".processor." in k) for k in tensors
+    ):
         return "training"
     sample = sorted(tensors)[:5]
     raise ValueError(
@@ -129,6 +131,33 @@ def training_to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out["image_proj." + key.removeprefix("image_proj_model.")] = value
         elif key.startswith("adapter_modules."):
             out["ip_adapter." + key.removeprefix("adapter_modules.")] = value
+    if not any(k.startswith("ip_adapter.") for k in out):
+        out.update(_processors_from_unet(tensors))
+    return out
+
+
+_ATTENTION = re.compile(r"^unet\.((?:down_blocks|up_blocks|mid_block)\..*\.attn\d+)\.to_q\.weight$")
+
+
+def _processors_from_unet(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`ip_adapter.{k}.*` from `unet.<attention>.processor.*`: accelerate's `model.safetensors` (its default save)
+    keeps one name of tied tensors, and the processors' weights are `adapter_modules.*` and
+    `unet.<attention>.processor.*` at once, so it may keep only the latter (official issues #246, #375, #410, #436).
+    k is the attention layer's position in `unet.attn_processors` (what `adapter_modules` enumerates): diffusers
+    registers down_blocks, up_blocks, then mid_block, each layer's attn1 before its attn2."""
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+    def order(name: str) -> tuple:
+        parts = name.split(".")
+        return (group[parts[0]], *(int(p) if p.isdigit() else int(p[4:]) if p.startswith("attn") else 0 for p in parts[1:]))
+
+    names = sorted((m.group(1) for k in tensors if (m := _ATTENTION.match(k))), key=order)
+    index = {name: k for k, name in enumerate(names)}
+    out = {}
+    for key, value in tensors.items():
+        head, sep, rest = key.partition(".processor.")
+        if sep and head.startswith("unet.") and head[5:] in index:
+            out[f"ip_adapter.{index[head[5:]]}.{rest}"] = value
     return out
 
 
@@ -422,7 +451,8 @@ def describe(path: str | os.PathLike) -> dict:
     layout = detect_layout(tensors, metadata)
     adapter = adapter_from_tensors(tensors, metadata, Path(path).name)  # validates every key and shape
     cfg = adapter.config
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    own = adapter.state_dict()  # the adapter's tensors (a trainer state also holds the whole UNet)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in own.values()})
     tokens = cfg.num_tokens or "one per encoder token"
     if cfg.projection == "faceid" and cfg.num_tokens == 16:
         tokens = "16 per face (faces concatenated)"
@@ -441,6 +471,6 @@ def describe(path: str | os.PathLike) -> dict:
         "image_embed_dim": cfg.image_embed_dim,
         "face_id_embedding": f"{cfg.id_embed_dim}-d ArcFace (insightface)" if cfg.id_embed_dim else "none",
         "lora_rank": cfg.lora_rank,
-        "parameters": sum(t.numel() for t in tensors.values()),
+        "parameters": sum(t.numel() for t in own.values()),
         "dtype": ", ".join(dtypes),
     }

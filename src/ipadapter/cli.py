@@ -25,11 +25,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
     from .checkpoint import load_adapter, save_adapter
 
-    adapter = load_adapter(args.input)
-    save_adapter(adapter, args.output, layout=args.to)
-    print(f"wrote {args.output} ({args.to} layout, {adapter.config.variant})")
+    source, target = Path(args.input), Path(args.output)
+    if target.exists() and source.exists() and os.path.samefile(source, target):
+        raise ValueError(f"the output {target} is the input file: converting onto it would replace the original; "
+                         "write another file")  # fmt: skip
+    adapter = load_adapter(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # written beside the target, read back and compared, then renamed into place: what a reader will find in the
+    # file must be this adapter (the official layout carries no config: it is detected again from keys, shapes and
+    # the file name, which can lose what only the name tells, e.g. FaceID-PlusV2's "plusv2")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        written = Path(tmp) / target.name
+        save_adapter(adapter, written, layout=args.to)
+        back = load_adapter(written)
+        keep = ("variant", "extra")  # names and provenance: the official layout has no place for them
+        want = {k: v for k, v in vars(adapter.config).items() if k not in keep}
+        got = {k: v for k, v in vars(back.config).items() if k not in keep}
+        differ = [f"{k}: {want[k]!r} -> {got[k]!r}" for k in want if want[k] != got[k]]
+        mine, theirs = adapter.state_dict(), back.state_dict()
+        if not differ and (mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine)):
+            differ = ["the tensors"]
+        if differ:
+            hint = " (name the output ...plusv2... : the official layout tells PlusV2 by its file name)" \
+                if adapter.config.shortcut else ""  # fmt: skip
+            raise ValueError(f"{target.name} would not read back as this adapter ({'; '.join(differ)}){hint}; "
+                             "nothing was written")  # fmt: skip
+        os.replace(written, target)
+    print(f"wrote {target} ({args.to} layout, {adapter.config.variant})")
     return 0
 
 

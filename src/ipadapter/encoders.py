@@ -32,11 +32,13 @@ def model_source(name_or_path: str | os.PathLike, subfolder: str | None, what: s
 class ImageEncoder(nn.Module):
     """A `CLIPVisionModelWithProjection` plus its preprocessing."""
 
-    def __init__(self, model: nn.Module, processor=None) -> None:
+    def __init__(self, model: nn.Module, processor=None, has_projection: bool = True) -> None:
         super().__init__()
         from transformers import CLIPImageProcessor
 
         self.model = model.eval().requires_grad_(False)
+        # False: the weights had no visual_projection (a CLIPVisionModel): `image_embeds` would be random numbers
+        self.has_projection = has_projection
         size = int(model.config.image_size)
         # Defaults = official `CLIPImageProcessor()` (bicubic, centre crop, CLIP mean/std), sized to the encoder.
         self.processor = processor or CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -57,13 +59,18 @@ class ImageEncoder(nn.Module):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         name_or_path, sub = model_source(name_or_path, subfolder, "image encoder")
-        model = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype, **sub, **kwargs)
+        model, info = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype,
+                                                                    output_loading_info=True, **sub, **kwargs)  # fmt: skip
+        missing = sorted(info["missing_keys"])
+        if [k for k in missing if not k.startswith("visual_projection.")]:
+            raise ValueError(f"{name_or_path} is not a complete CLIP vision encoder: {len(missing)} weights missing, "
+                             f"such as {missing[:3]}")  # fmt: skip
         processor = None
         try:
             processor = CLIPImageProcessor.from_pretrained(str(name_or_path), **sub, **kwargs)
         except (OSError, ValueError):
             processor = None  # h94's encoder folders ship no preprocessor config: use the official defaults
-        return cls(model.to(device), processor)
+        return cls(model.to(device), processor, has_projection=not missing)
 
     @property
     def pooled_dim(self) -> int:
@@ -119,8 +126,10 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
     if config.image_feature == "none":
         return
     model_cfg = encoder.model.config if isinstance(encoder, ImageEncoder) else encoder.config
-    if config.image_feature == "pooled" and not hasattr(model_cfg, "projection_dim"):
-        raise ValueError("this adapter needs pooled, projected image_embeds; the encoder has no projection")
+    projected = encoder.has_projection if isinstance(encoder, ImageEncoder) else hasattr(model_cfg, "projection_dim")
+    if config.image_feature == "pooled" and not projected:
+        raise ValueError(f"this adapter ({config.variant}) reads pooled, projected image_embeds; the image encoder has "
+                         "no trained projection (its weights hold no visual_projection: a CLIPVisionModel)")  # fmt: skip
     found = int(model_cfg.projection_dim if config.image_feature == "pooled" else model_cfg.hidden_size)
     if found != config.image_embed_dim:
         raise ValueError(
