@@ -13,9 +13,12 @@ checked against the module that config builds, before any tensor is used.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import struct
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,17 +31,25 @@ from .variants import match_variant
 FORMAT_KEY = "format"
 FORMAT_NAME = "ipadapter"
 CONFIG_KEY = "ipadapter_config"
-FORMAT_VERSION = "1"
+VERSION_KEY = "format_version"
+FORMAT_VERSION = "1"  # bumped when older code could not read what we write
 
 _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
 _LORA_KEY = re.compile(r"^(\d+)\.(to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(down|up)\.weight$")
 
 
 # ---- reading files ----------------------------------------------------------------------------------------------
+# safetensors dtype name -> torch dtype, for every one this torch has (float8 arrived in torch 2.1, uint16-64 in 2.3).
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+    name: getattr(torch, attr)
+    for name, attr in {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32", "I32": "int32",
+        "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+        "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
+    }.items()
+    if hasattr(torch, attr)
+}  # fmt: skip
 
 
 def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -51,18 +62,7 @@ def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[di
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: expected a .safetensors or .bin file at {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                if shapes_only:
-                    return {
-                        k: torch.empty(f.get_slice(k).get_shape(), dtype=_SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()],
-                                       device="meta")
-                        for k in f.keys()
-                    }, metadata
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except (SafetensorError, OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        return _read_safetensors(path, shapes_only)
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive ("PK\x03\x04"); legacy files and raw pickles start with the PROTO opcode 0x80.
@@ -87,6 +87,49 @@ def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[di
     if shapes_only:
         flat = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in flat.items()}
     return flat, {}
+
+
+def _read_safetensors(path: Path, shapes_only: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            unsupported = _unsupported_dtype(dtypes, path)
+            if unsupported is None and not shapes_only:
+                return {k: f.get_tensor(k) for k in dtypes}, metadata
+            if unsupported is None:
+                tensors = {}
+                for k, dtype in dtypes.items():
+                    shape = list(f.get_slice(k).get_shape())
+                    if dtype == "F4" and shape:
+                        shape[-1] //= 2  # F4 counts 4-bit values; torch's float4_e2m1fn_x2 packs two per element
+                    tensors[k] = torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+                return tensors, metadata
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        unsupported = _unsupported_dtype(_header_dtypes(path), path)  # a dtype safetensors does not know: no corruption
+        if unsupported is None:
+            raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    raise ValueError(unsupported)
+
+
+def _unsupported_dtype(dtypes: dict[str, str], path: Path) -> str | None:
+    """The error message for the first tensor whose dtype this torch cannot hold, if any."""
+    for key, dtype in dtypes.items():
+        if dtype not in _SAFETENSORS_DTYPES:
+            return (f"{path}: unsupported tensor dtype {dtype} in key {key!r}; this torch ({torch.__version__}) reads "
+                    f"{', '.join(_SAFETENSORS_DTYPES)}")  # fmt: skip
+    return None
+
+
+def _header_dtypes(path: Path) -> dict[str, str]:
+    """`{key: dtype}` read from a safetensors header directly (for one safetensors refused), {} if it is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))  # the header's length, then the header as JSON
+            header = json.loads(f.read(min(size, 100_000_000)))
+        return {k: str(v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, struct.error, ValueError, TypeError, KeyError, AttributeError):
+        return {}
 
 
 def _flatten(obj: dict, path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -214,81 +257,153 @@ def _official_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 # ---- config detection -------------------------------------------------------------------------------------------
-def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise ValueError(f"incomplete checkpoint: expected tensor {key!r}, not found")
-    return tuple(sd[key].shape)
+_LORA_NAMES = ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora")
+
+
+def _named(filename: str) -> str:
+    return f"checkpoint {filename}" if filename else "checkpoint"
+
+
+def _shape(tensors: dict[str, torch.Tensor], key: str, ndim: int, filename: str) -> tuple[int, ...]:
+    """The shape of `tensors[key]`, checked to have `ndim` dimensions, none of them empty."""
+    if key not in tensors:
+        raise ValueError(f"{_named(filename)} is incomplete: expected tensor {key!r}, not found")
+    shape = tuple(tensors[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise ValueError(
+            f"{_named(filename)}: {key} should be a {ndim}-d tensor with no empty dimension, found shape {shape}"
+        )
+    return shape
+
+
+def _agreed(votes: list[tuple[str, tuple[int, ...], int]], what: str, filename: str) -> int:
+    """The size that every `(key, shape, dim)` gives as `shape[dim]` for `what`. When they differ, a ValueError names
+    the tensors outside a strict majority (the odd ones out), or every tensor when no size has a majority."""
+    counts = Counter(shape[dim] for _, shape, dim in votes)
+    size, count = counts.most_common(1)[0]
+    if len(counts) == 1:
+        return size
+    if 2 * count > len(votes):
+        agree = next(f"{key} {shape}" for key, shape, dim in votes if shape[dim] == size)
+        odd = [(f"{key} {shape}", str(shape[dim])) for key, shape, dim in votes if shape[dim] != size][:3]
+        more = f" and {len(votes) - count - len(odd)} more" if len(votes) - count > len(odd) else ""
+        raise ValueError(
+            f"{_named(filename)}: {', '.join(o[0] for o in odd)}{more}: expected {what} to be {size}, as in {count} "
+            f"other tensors (e.g. {agree}); found {', '.join(o[1] for o in odd)}"
+        )
+    listed = " and ".join(f"{key} {shape}" for key, shape, _ in votes[:4])
+    raise ValueError(
+        f"{_named(filename)}: {what} differs between {listed}{' and others' if len(votes) > 4 else ''}; "
+        "expected one size - one of them is damaged"
+    )
 
 
 def detect_config(tensors: dict[str, torch.Tensor], filename: str = "") -> AdapterConfig:
-    """Derives the full AdapterConfig of an official-layout state dict from its keys and shapes alone."""
+    """Derives the full AdapterConfig of an official-layout state dict from its keys and shapes alone.
+
+    Every size is read from all the tensors that share it, so a damaged tensor is named rather than its neighbours.
+    """
     proj = {k.removeprefix("image_proj."): v for k, v in tensors.items() if k.startswith("image_proj.")}
     ip = {k.removeprefix("ip_adapter."): v for k, v in tensors.items() if k.startswith("ip_adapter.")}
     if not proj or not ip:
         raise ValueError(
-            f"an official checkpoint needs both image_proj.* and ip_adapter.* tensors; found {len(proj)} and {len(ip)}"
+            f"{_named(filename)}: an official checkpoint needs both image_proj.* and ip_adapter.* tensors; "
+            f"found {len(proj)} and {len(ip)}"
         )
+    where = _named(filename)
+
+    def shape(key: str, ndim: int = 2) -> tuple[int, ...]:
+        return _shape(tensors, key, ndim, filename)
+
+    def votes(keys_dims: list[tuple[str, int]]) -> list[tuple[str, tuple[int, ...], int]]:
+        return [(key, shape(key), dim) for key, dim in keys_dims if key in tensors]
 
     # Cross-attention layers: odd indices 1, 3, ..., 2L-1 with to_k_ip / to_v_ip.
     indices = sorted({int(m.group(1)) for k in ip if (m := _IP_KEY.match(k))})
-    expected = list(range(1, 2 * len(indices), 2))
-    if indices != expected:
+    if not indices:
+        raise ValueError(f"{where}: expected ip_adapter.<index>.to_k_ip.weight / to_v_ip.weight tensors, found none")
+    last = max(indices) | 1
+    if stray := [i for i in indices if i % 2 == 0]:
+        key = next(f"ip_adapter.{k}" for k in sorted(ip) if (m := _IP_KEY.match(k)) and int(m.group(1)) == stray[0])
         raise ValueError(
-            f"ip_adapter layer indices must be 1, 3, ..., {2 * len(indices) - 1} (one per cross-attention layer); "
-            f"found {indices[:8]}{'...' if len(indices) > 8 else ''}"
+            f"{where}: unexpected tensor {key}: image keys/values sit on cross-attention layers, at odd indices "
+            f"(here 1, 3, ..., {last}); found index {stray[0]}"
         )
-    hidden = tuple(_shape(ip, f"{i}.to_k_ip.weight")[0] for i in indices)
-    cross_dim = _shape(ip, f"{indices[0]}.to_k_ip.weight")[1]
+    if missing := sorted(set(range(1, last + 1, 2)) - set(indices)):
+        raise ValueError(
+            f"{where}: expected to_k_ip / to_v_ip at every odd ip_adapter index 1, 3, ..., {last} (one per "
+            f"cross-attention layer); none found at {missing[:8]}{'...' if len(missing) > 8 else ''}"
+        )
+    num_layers = len(indices)
 
     # FaceID LoRA on every attention layer 0 .. 2L-1.
     lora_idx = sorted({int(m.group(1)) for k in ip if (m := _LORA_KEY.match(k))})
+    if lora_idx and lora_idx != list(range(2 * num_layers)):
+        absent = sorted(set(range(2 * num_layers)) - set(lora_idx))
+        extra = sorted(set(lora_idx) - set(range(2 * num_layers)))
+        raise ValueError(
+            f"{where}: the FaceID LoRA must cover every attention layer, ip_adapter indices 0..{2 * num_layers - 1}; "
+            + "; ".join(([f"none found at {absent[:8]}"] if absent else []) + ([f"found extra ones at {extra[:8]}"] if extra else []))
+        )
+
+    def width_votes(j: int) -> list[tuple[str, tuple[int, ...], int]]:
+        """Every tensor that gives the query width of attention layer j (attn2 of a block when j is odd)."""
+        p = f"ip_adapter.{j}."
+        keys = [(p + "to_k_ip.weight", 0), (p + "to_v_ip.weight", 0)] + [(f"{p}{n}.up.weight", 0) for n in _LORA_NAMES]
+        keys += [(p + "to_q_lora.down.weight", 1), (p + "to_out_lora.down.weight", 1)]
+        if j % 2 == 0:  # self-attention: its k/v LoRA reads the hidden states
+            keys += [(p + "to_k_lora.down.weight", 1), (p + "to_v_lora.down.weight", 1)]
+        return votes(keys)
+
+    hidden = tuple(_agreed(width_votes(i), f"the query width of attention layer {i}", filename) for i in indices)
     lora_rank, lora_hidden = 0, ()
     if lora_idx:
-        if lora_idx != list(range(2 * len(indices))):
-            raise ValueError(f"LoRA tensors must cover attention layers 0..{2 * len(indices) - 1}, found {lora_idx[:8]}...")
-        lora_rank = _shape(ip, "0.to_q_lora.down.weight")[0]
-        lora_hidden = tuple(_shape(ip, f"{j}.to_q_lora.up.weight")[0] for j in lora_idx)
+        ranks = [(f"ip_adapter.{j}.{n}.{part}.weight", dim) for j in lora_idx for n in _LORA_NAMES
+                 for part, dim in (("down", 0), ("up", 1))]  # fmt: skip
+        lora_rank = _agreed(votes(ranks), "the LoRA rank", filename)
+        lora_hidden = tuple(_agreed(width_votes(j), f"the query width of attention layer {j}", filename) for j in lora_idx)
 
     resampler = None
     id_dim = id_hidden = embed_dim = 0
     shortcut = False
     if "proj.weight" in proj:
         projection, feature = "linear", "pooled"
-        out_dim, embed_dim = _shape(proj, "proj.weight")
-        c = _shape(proj, "norm.weight")[0]
-        num_tokens = out_dim // c
+        out_dim, embed_dim = shape("image_proj.proj.weight")
+        token_width = ("image_proj.norm.weight", shape("image_proj.norm.weight", 1), 0)
+        num_tokens = out_dim // token_width[1][0]
     elif "proj.3.weight" in proj:
         projection, feature = "mlp", "penultimate"
-        embed_dim = _shape(proj, "proj.0.weight")[1]
-        c = _shape(proj, "proj.3.weight")[0]
+        embed_dim = shape("image_proj.proj.0.weight")[1]
+        token_width = ("image_proj.proj.3.weight", shape("image_proj.proj.3.weight", 1), 0)
         num_tokens = 257 if embed_dim == 1280 else 0  # one token per encoder token (257 for ViT-H/14 at 224)
     elif "perceiver_resampler.proj_in.weight" in proj:
         projection, feature = "faceid_plus", "penultimate"
-        id_hidden, id_dim = _shape(proj, "proj.0.weight")
-        c = _shape(proj, "norm.weight")[0]
-        num_tokens = _shape(proj, "proj.2.weight")[0] // c
-        dim, embed_dim = _shape(proj, "perceiver_resampler.proj_in.weight")
-        resampler = _detect_resampler(proj, "perceiver_resampler.", dim)
+        id_hidden, id_dim = shape("image_proj.proj.0.weight")
+        token_width = ("image_proj.norm.weight", shape("image_proj.norm.weight", 1), 0)
+        num_tokens = shape("image_proj.proj.2.weight")[0] // token_width[1][0]
+        dim, embed_dim = shape("image_proj.perceiver_resampler.proj_in.weight")
+        resampler = _detect_resampler(proj, "perceiver_resampler.", dim, shape, filename)
         shortcut = "plusv2" in filename.lower().replace("-", "").replace("_", "")
     elif "latents" in proj:
         projection, feature = "resampler", "penultimate"
-        _, num_tokens, dim = _shape(proj, "latents")
-        embed_dim = _shape(proj, "proj_in.weight")[1]
-        c = _shape(proj, "proj_out.weight")[0]
-        resampler = _detect_resampler(proj, "", dim)
+        _, num_tokens, dim = shape("image_proj.latents", 3)
+        embed_dim = shape("image_proj.proj_in.weight")[1]
+        token_width = ("image_proj.proj_out.weight", shape("image_proj.proj_out.weight"), 0)
+        resampler = _detect_resampler(proj, "", dim, shape, filename)
     elif "norm.weight" in proj and "proj.0.weight" in proj:
         projection, feature = "faceid", "none"
-        id_hidden, id_dim = _shape(proj, "proj.0.weight")
-        c = _shape(proj, "norm.weight")[0]
-        num_tokens = _shape(proj, "proj.2.weight")[0] // c
+        id_hidden, id_dim = shape("image_proj.proj.0.weight")
+        token_width = ("image_proj.norm.weight", shape("image_proj.norm.weight", 1), 0)
+        num_tokens = shape("image_proj.proj.2.weight")[0] // token_width[1][0]
     else:
-        raise ValueError(f"unrecognised image_proj layout; keys found: {sorted(proj)[:8]}")
+        raise ValueError(f"{where}: unrecognised image_proj layout; keys found: {sorted(proj)[:8]}")
 
-    if c != cross_dim:
-        raise ValueError(
-            f"inconsistent checkpoint: image_proj makes {c}-d tokens but to_k_ip expects {cross_dim}-d context"
-        )
-    family = base_family(cross_dim, len(indices))
+    # The context width: what image_proj's tokens are, and what every to_k_ip / to_v_ip (and cross-attention
+    # k/v LoRA) reads.
+    context = [(f"ip_adapter.{i}.{n}.weight", 1) for i in indices for n in ("to_k_ip", "to_v_ip")]
+    context += [(f"ip_adapter.{j}.{n}.down.weight", 1) for j in lora_idx if j % 2 for n in ("to_k_lora", "to_v_lora")]
+    cross_dim = _agreed([token_width, *votes(context)], "the context width (cross_attention_dim)", filename)
+    family = base_family(cross_dim, num_layers)
     variant = match_variant(projection, num_tokens, family, embed_dim, lora_rank, filename)
     return AdapterConfig(
         projection=projection,
@@ -307,13 +422,17 @@ def detect_config(tensors: dict[str, torch.Tensor], filename: str = "") -> Adapt
     )
 
 
-def _detect_resampler(proj: dict[str, torch.Tensor], prefix: str, dim: int) -> ResamplerConfig:
+def _detect_resampler(proj: dict[str, torch.Tensor], prefix: str, dim: int, shape, filename: str) -> ResamplerConfig:
+    """The resampler under `image_proj.{prefix}`; `shape(key)` reads a checked 2-d shape."""
     depth = len({k.removeprefix(prefix).split(".")[1] for k in proj if k.startswith(prefix + "layers.")})
-    inner = _shape(proj, f"{prefix}layers.0.0.to_q.weight")[0]
+    inner = shape(f"image_proj.{prefix}layers.0.0.to_q.weight")[0]
     dim_head = 64  # official value; only heads * dim_head is visible in the weights
     if inner % dim_head:
-        raise ValueError(f"resampler attention width {inner} is not a multiple of the 64-d heads official files use")
-    ff_inner = _shape(proj, f"{prefix}layers.0.1.1.weight")[0]
+        raise ValueError(
+            f"{_named(filename)}: image_proj.{prefix}layers.0.0.to_q.weight: resampler attention width {inner} is "
+            "not a multiple of the 64-d heads official files use"
+        )
+    ff_inner = shape(f"image_proj.{prefix}layers.0.1.1.weight")[0]
     return ResamplerConfig(dim=dim, depth=depth, dim_head=dim_head, heads=inner // dim_head, ff_mult=ff_inner // dim)
 
 
@@ -382,9 +501,33 @@ def config_from_tensors(
     """The config of a checkpoint in any layout, and its tensors under our parameter names."""
     layout = detect_layout(tensors, metadata)
     if layout == "ipadapter":
-        return AdapterConfig.from_json(metadata[CONFIG_KEY]), tensors
+        return _own_config(metadata, name), tensors
     official = training_to_official(tensors) if layout == "training" else tensors
     return detect_config(official, name), official_to_internal(official)
+
+
+def _own_config(metadata: dict[str, str], name: str) -> AdapterConfig:
+    """The config in the metadata of our own format, refusing a format version newer than this code."""
+    version = metadata.get(VERSION_KEY, FORMAT_VERSION)  # files without a version read as version 1
+    if not version.isdigit():
+        raise ValueError(
+            f"{_named(name)}: metadata field {VERSION_KEY!r} is {version!r}; expected a whole number (this ipadapter "
+            f"reads format version {FORMAT_VERSION} and older)"
+        )
+    if int(version) > int(FORMAT_VERSION):
+        raise ValueError(
+            f"{_named(name)}: metadata field {VERSION_KEY!r} is {version!r}, a newer format than this ipadapter reads "
+            f"(version {FORMAT_VERSION} and older): upgrade ipadapter to load it"
+        )
+    if CONFIG_KEY not in metadata:
+        raise ValueError(
+            f"{_named(name)}: metadata says {FORMAT_KEY}={FORMAT_NAME!r} but has no {CONFIG_KEY!r} field (expected the "
+            f"adapter config as JSON); found metadata fields {sorted(metadata)}"
+        )
+    try:
+        return AdapterConfig.from_json(metadata[CONFIG_KEY])
+    except ValueError as e:
+        raise ValueError(f"{_named(name)}: metadata field {CONFIG_KEY!r} is not a valid adapter config: {e}") from e
 
 
 def adapter_from_tensors(
@@ -424,7 +567,7 @@ def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter",
     if layout == "ipadapter":
         if path.suffix != ".safetensors":
             raise ValueError(f"the ipadapter layout is safetensors; expected a .safetensors path, found {path.name}")
-        metadata = {FORMAT_KEY: FORMAT_NAME, CONFIG_KEY: adapter.config.to_json(), "format_version": FORMAT_VERSION}
+        metadata = {FORMAT_KEY: FORMAT_NAME, CONFIG_KEY: adapter.config.to_json(), VERSION_KEY: FORMAT_VERSION}
         save_safetensors(state, path, metadata)
     elif layout == "official":
         if adapter.config.attention != "decoupled":

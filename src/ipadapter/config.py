@@ -88,21 +88,66 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig fields {sorted(unknown)}; expected a subset of {sorted(known)}")
-        data = dict(data)
-        if data.get("resampler") is not None:
-            data["resampler"] = ResamplerConfig(**data["resampler"])
-        for key in ("layer_hidden_sizes", "lora_hidden_sizes"):
-            if key in data:
-                data[key] = tuple(int(x) for x in data[key])
-        return cls(**data)
+        """The config `to_dict` wrote; a ValueError names any unknown, missing or mistyped field."""
+        fields = _checked_fields(cls, data, "AdapterConfig")
+        if fields.get("resampler") is not None:
+            resampler = _checked_fields(ResamplerConfig, fields["resampler"], "AdapterConfig.resampler")
+            fields["resampler"] = ResamplerConfig(**resampler)
+        return cls(**fields)
 
     @classmethod
     def from_json(cls, text: str) -> AdapterConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"AdapterConfig is not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# field annotation -> (test of a JSON value, what the value should be)
+_JSON_TYPES: dict[str, tuple[Any, str]] = {
+    "int": (_whole, "a whole number >= 0"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_whole, v)), "a list of whole numbers >= 0"),
+    "ResamplerConfig | None": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _checked_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """`data` as keyword arguments of the dataclass `cls` (lists as tuples), after checking that it is an object with
+    no unknown field, every required field, and values of the declared types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected a JSON object of fields, found {_shown(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; expected a subset of {sorted(fields)}")
+    required = [name for name, f in fields.items() if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ValueError(f"{what}: required fields {missing} are missing")
+    out = {}
+    for name, value in data.items():
+        accepts, expected = _JSON_TYPES[fields[name].type]
+        if not accepts(value):
+            raise ValueError(f"{what} field {name!r}: expected {expected}, found {_shown(value)}")
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A value as JSON would write it (null, true, "text"), cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def base_family(cross_attention_dim: int, num_layers: int) -> str:
