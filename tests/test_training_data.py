@@ -210,3 +210,12 @@ def test_faceid_records_stream_their_face_embedding_from_shards(tmp_path):
     [batch] = list(DataLoader(StreamingDataset(data, resolution=8, batch_size=5), batch_size=5, collate_fn=collate))
     assert batch["skipped"] == 2 and batch["index"].tolist() == [0, 1, 3]
     assert torch.equal(batch["face_id"], torch.from_numpy(np.stack([faces[0], faces[1], faces[3]])))
+
+
+def test_a_batch_keeps_its_usual_records_when_one_carries_an_extra_member():
+    """One record with a face embedding among three without (a stray .face.npy in a base-adapter run): the odd one
+    is the one skipped, not the three that agree."""
+    plain = [{"index": i, "pixels": torch.zeros(3, 8, 8)} for i in range(3)]
+    odd = {"index": 3, "pixels": torch.zeros(3, 8, 8), "face_id": torch.zeros(512)}
+    batch = collate([plain[0], odd, plain[1], plain[2]])
+    assert batch["skipped"] == 1 and batch["index"].tolist() == [0, 1, 2] and "face_id" not in batch

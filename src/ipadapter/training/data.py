@@ -416,11 +416,12 @@ def _shapes(item: dict) -> tuple:
 def collate(items: list[dict | None]) -> dict:
     """Stacks the good items; counts the skipped ones in `batch['skipped']`.
 
-    An item that does not fit the batch is skipped and counted too: one lacking a key others have (a WebDataset
-    record without the face embedding its neighbours carry), or whose tensors' shapes differ from the most common."""
+    An item that does not fit the batch is skipped and counted too: one whose keys are not the most common set (a
+    WebDataset record without the face embedding its neighbours carry), or whose tensors' shapes differ from the most
+    common."""
     good = [i for i in items if i is not None and "skipped" not in i]
     if good:
-        keys = set().union(*good)
+        keys = Counter(frozenset(g) for g in good).most_common(1)[0][0]  # the batch's usual keys
         complete = [g for g in good if g.keys() == keys]
         common = Counter(_shapes(g) for g in complete).most_common(1)[0][0]
         fitting = [g for g in complete if _shapes(g) == common]
