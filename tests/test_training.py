@@ -609,11 +609,12 @@ def test_a_compiled_step_trains_the_same_adapter_without_recompiling(world, tmp_
     (the adapter's Python state is the same at every entry)."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     eager = train(_cfg(world, tmp_path / "eager", max_steps=3), show_progress=False)
-    compiled = train(_cfg(world, tmp_path / "compiled", max_steps=3, compile="aot_eager", validate_every=2,
-                          validation_images=2, validation_steps=2), show_progress=False)  # fmt: skip
+    # dynamo's own patch (monkeypatch's undo would delete the setting, which breaks every later recompile)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train(_cfg(world, tmp_path / "compiled", max_steps=3, compile="aot_eager", validate_every=2,
+                              validation_images=2, validation_steps=2), show_progress=False)  # fmt: skip
     # (Accelerate's own switch, `accelerate launch --dynamo_backend aot_eager`, which compiles the whole training
     # module, gave the eager weights the same way; checked by hand, left out of CI for the suite's time budget.)
     torch._dynamo.reset()
