@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
 from tiny_models import make_sd_folder
 
 from ipadapter import IPAdapter, ImageEncoder
-from ipadapter.prompter import ImagePrompter
+from ipadapter.prompter import ImagePrompt, ImagePrompter
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,9 @@ def test_same_pixels_as_diffusers_builtin_ip_adapter(folders, tmp_path, variant)
     prompter.detach()
     plain = ours(prompt="", num_inference_steps=3, output_type="np", generator=torch.Generator("cpu").manual_seed(1)).images
     assert abs(plain - found[:1]).max() > 1e-3  # the adapter really acted
+    with pytest.raises(ValueError, match=r"diffusers' own IP-Adapter loaded \(pipe.load_ip_adapter\): call "
+                                         r"pipe.unload_ip_adapter\(\) before"):  # fmt: skip
+        ImagePrompter(theirs, IPAdapter.from_file(tmp_path / "ip.bin"), encoder)  # both would act on the layers
 
 
 def test_each_prompt_keeps_its_own_reference(folders):
@@ -158,3 +164,105 @@ def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(folders, or
         prompter.detach()
     finally:
         torch._dynamo.reset()
+
+
+def test_a_prompter_whose_adapter_no_longer_acts_on_the_pipeline_says_so(folders):
+    """Diffusers calls that install their own processors, a detach, a replaced pipe.unet or a second prompter's idle
+    adapter would otherwise give plain images (or a misleading error) without a word; a prompter that fails to attach
+    its second adapter leaves the UNet as it was."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    reference = Image.new("RGB", (28, 28), "red")
+    common = {"prompt": "a shape", "num_inference_steps": 2, "output_type": "np"}
+
+    def run(p, **kw):
+        return p(image=reference, generator=torch.Generator("cpu").manual_seed(2), **common, **kw).images
+
+    prompter = ImagePrompter(ours, adapter, encoder)
+    expected = run(prompter)
+    ours.unet.set_attn_processor(AttnProcessor2_0())  # what enable_attention_slicing(), fuse_qkv_projections() do
+    with pytest.raises(ValueError, match=r"attention processor of .*attn2 was replaced after this adapter was "
+                                         r"attached \(it is now AttnProcessor2_0"):  # fmt: skip
+        run(prompter)
+    prompter.detach()
+    with pytest.raises(ValueError, match=r"this adapter is not attached"):
+        run(prompter)
+    prompter = ImagePrompter(ours, adapter, encoder)
+    assert abs(run(prompter) - expected).max() <= 1e-6  # attached again: the image prompt is back
+
+    # a second prompter with its own adapter on the same pipeline: the first names it instead of "no image prompt"
+    torch.manual_seed(1)
+    other = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    second = ImagePrompter(ours, other, encoder)
+    with pytest.raises(ValueError, match=r"another adapter \(base\) is attached to this pipeline's UNet with no "
+                                         r"image prompt for this call"):  # fmt: skip
+        run(prompter)
+    second.detach()
+    assert abs(run(prompter) - expected).max() <= 1e-6
+
+    # an adapter that does not fit: the one before it is not left attached
+    prompter.detach()
+    misfit = IPAdapter(dataclasses.replace(adapter.config, cross_attention_dim=96))
+    with pytest.raises(ValueError, match=r"the adapter expects|this adapter is for"):
+        ImagePrompter(ours, [adapter, misfit], encoder)
+    assert not adapter.attached
+
+    prompter = ImagePrompter(ours, adapter, encoder)
+    unet = ours.unet
+    ours.unet = copy.deepcopy(unet)
+    with pytest.raises(ValueError, match=r"attached to another UNet than this pipeline's"):
+        run(prompter)
+    ours.unet = unet
+    assert abs(run(prompter) - expected).max() <= 1e-6
+    prompter.detach()
+    ours.enable_attention_slicing()  # before attaching: bypassed where the image prompt acts, which is said
+    with pytest.warns(UserWarning, match=r"cross-attention layers use SlicedAttnProcessor; .*\(e.g. slicing\)"):
+        prompter = ImagePrompter(ours, adapter, encoder)
+    assert abs(run(prompter) - expected).max() <= 1e-5
+    prompter.detach()
+
+
+def test_call_arguments_that_would_be_ignored_are_refused_and_prompt_embeds_need_no_prompt(folders):
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    reference = Image.new("RGB", (28, 28), "red")
+    prompter = ImagePrompter(ours, adapter, encoder)
+    common = {"num_inference_steps": 2, "output_type": "np"}
+    for given in ({"scale": 0.0}, {"start": 0.5}, {"end": 0.5}):
+        with pytest.raises(ValueError, match=rf"found both \(prompts and {next(iter(given))}\)"):
+            prompter(prompts=[ImagePrompt(image=reference)], **given, **common)
+    embeds, negative = ours.encode_prompt("a shape", "cpu", 1, True)
+    by_text = prompter(image=reference, prompt="a shape", generator=torch.Generator("cpu").manual_seed(2), **common)
+    by_embeds = prompter(image=reference, prompt_embeds=embeds, negative_prompt_embeds=negative,
+                         generator=torch.Generator("cpu").manual_seed(2), **common)  # fmt: skip
+    assert abs(by_text.images - by_embeds.images).max() <= 1e-6
+
+
+def test_low_level_windows_need_the_step_and_offloaded_or_moved_unets_keep_the_adapter(folders):
+    """A window on an adapter driven by hand (no ImagePrompter tracking the step) is refused until the step is set;
+    attaching to a UNet whose weights accelerate offloads (on `meta` between calls) keeps the adapter's weights."""
+    from accelerate import cpu_offload
+
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    reference = Image.new("RGB", (28, 28), "red")
+    common = {"prompt": "a shape", "num_inference_steps": 2, "output_type": "np"}
+    adapter.attach(ours.unet)
+    tokens = adapter.project(image=encoder.encode([reference], "pooled"))
+    adapter.set_tokens(tokens, uncond=adapter.project(image=torch.zeros_like(encoder.encode([reference], "pooled"))))
+    adapter.state.set_window(0.5, 1.0)
+    with pytest.raises(ValueError, match=r"a step window \(0.5, 1.0\) is set but the denoising step is unknown"):
+        ours(generator=torch.Generator("cpu").manual_seed(2), **common)
+    adapter.state.progress = (0, 2)  # set by hand (and left at step 0 of 2, outside the window): no adapter
+    outside = ours(generator=torch.Generator("cpu").manual_seed(2), **common).images
+    adapter.detach()
+    assert (outside == ours(generator=torch.Generator("cpu").manual_seed(2), **common).images).all()
+    expected = ImagePrompter(ours, adapter, encoder)(image=reference, generator=torch.Generator("cpu").manual_seed(2),
+                                                     **common).images  # fmt: skip
+    adapter.detach()
+    weights = {k: v.clone() for k, v in adapter.state_dict().items()}
+    cpu_offload(ours.unet, execution_device=torch.device("cpu"))
+    assert next(ours.unet.parameters()).device.type == "meta"
+    found = ImagePrompter(ours, adapter, encoder)(image=reference, generator=torch.Generator("cpu").manual_seed(2),
+                                                  **common).images  # fmt: skip
+    assert all(torch.equal(v, adapter.state_dict()[k]) for k, v in weights.items())
+    assert abs(found - expected).max() <= 1e-6

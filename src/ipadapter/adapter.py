@@ -13,6 +13,8 @@ cross-attention layer i, and `lora.{j}.to_{q,k,v,out}_lora.{down,up}.weight` for
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -50,6 +52,8 @@ class IPAdapter(nn.Module):
         self._processors: list[tuple[nn.Module, DecoupledAttnProcessor]] = []  # (attention module, processor)
         self.layer_names: list[str] = []  # the adapted cross-attention layers of the UNet it is attached to
         self._concat_hook = None  # concat adapters: the UNet pre-hook that appends the image tokens
+        self._unet: weakref.ref | None = None  # the UNet attached to (a weak reference: not a submodule)
+        self._processor_names: list[str] = []  # the attention layers of `_processors`, by name
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -175,9 +179,12 @@ class IPAdapter(nn.Module):
         if self.attached:
             raise ValueError("this adapter is already attached; call detach() first")
         cross = self._check_unet(unet)
+        _refuse_diffusers_ip_adapter(unet, cross)
+        _warn_bypassed(cross)
         param = next(unet.parameters(), None)
-        if param is not None:
+        if param is not None and param.device.type != "meta":  # (meta: offloaded weights, e.g. accelerate's hooks)
             self.to(device=param.device)
+        self._unet = weakref.ref(getattr(unet, "_orig_mod", unet))
         if self.config.attention == "concat":
             self.layer_names = [layer.name for layer in cross]
             self._concat_hook = unet.register_forward_pre_hook(self._append_tokens, with_kwargs=True)
@@ -190,6 +197,7 @@ class IPAdapter(nn.Module):
                 module, image_branch, _ = targets.get(layer.name, (layer.module, None, None))
                 targets[layer.name] = (module, image_branch, LoRABranch(self, self.lora[j]))
         self.layer_names = [layer.name for layer in cross]
+        self._processor_names = list(targets)
         for module, image_branch, lora_branch in targets.values():
             processor = module.processor
             if not isinstance(processor, DecoupledAttnProcessor):
@@ -235,7 +243,38 @@ class IPAdapter(nn.Module):
             if processor.empty and module.processor is processor:
                 module.set_processor(processor.previous)
         self._processors = []
+        self._unet = None
         self.state.clear()
+
+    def check_attached(self, unet: nn.Module) -> None:
+        """Raises a ValueError if this adapter does not act on `unet` now: detached, attached to another UNet (e.g.
+        `pipe.unet` was replaced), or its attention processors replaced since it was attached (diffusers'
+        `enable_attention_slicing()`, `fuse_qkv_projections()`, `set_attn_processor()`, `load_ip_adapter()` install
+        their own): the image prompt would otherwise be silently missing from the images."""
+        if not self.attached:
+            raise ValueError(
+                "this adapter is not attached (ImagePrompter.detach() or adapter.detach() removed it): create a new "
+                "ImagePrompter, or adapter.attach(pipe.unet)"
+            )
+        attached_to = self._unet() if self._unet is not None else None
+        if attached_to is not getattr(unet, "_orig_mod", unet):
+            raise ValueError(
+                "this adapter is attached to another UNet than this pipeline's (pipe.unet was replaced, or the "
+                "adapter was attached elsewhere): adapter.detach(), then a new ImagePrompter on this pipeline"
+            )
+        for (module, processor), name in zip(self._processors, self._processor_names):
+            if module.processor is not processor:
+                raise ValueError(
+                    f"the attention processor of {name} was replaced after this adapter was attached (it is now "
+                    f"{type(module.processor).__name__}; diffusers' enable_attention_slicing(), "
+                    "fuse_qkv_projections(), set_attn_processor() and load_ip_adapter() install their own): make such "
+                    "calls before attaching, or detach() and attach again"
+                )
+
+    def co_attached(self) -> set[nn.Module]:
+        """The other adapters attached to the same attention layers as this one."""
+        owners = {b.owner for _, p in self._processors for b in (*p.image_branches, *p.lora_branches)}
+        return owners - {self}
 
     # ---- run-time inputs ----------------------------------------------------------------------------------------
     def project(self, image: torch.Tensor | None = None, face_id: torch.Tensor | None = None,
@@ -253,6 +292,10 @@ class IPAdapter(nn.Module):
             )
         if face_id is not None and cfg.id_embed_dim and face_id.shape[-1] != cfg.id_embed_dim:
             raise ValueError(f"this adapter expects {cfg.id_embed_dim}-d face embeddings, found {face_id.shape[-1]}-d")
+        param = next(self.image_proj.parameters(), None)
+        if param is not None:  # features from an encoder on another device (e.g. the pipeline moved after attaching)
+            image = None if image is None else image.to(param.device)
+            face_id = None if face_id is None else face_id.to(param.device)
         if s_scale is not None:
             if not (cfg.projection == "faceid_plus" and cfg.shortcut):
                 raise ValueError(f"s_scale weighs the face-structure branch of FaceID-PlusV2 adapters; this adapter "
@@ -280,3 +323,36 @@ class IPAdapter(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# diffusers attention processors whose computation ours reproduces (their cross-attention is the same while an image
+# prompt acts); any other processor is bypassed on those layers, which `_warn_bypassed` says
+_REPRODUCED = {"AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "XFormersAttnProcessor",
+               "DecoupledAttnProcessor"}  # fmt: skip
+
+
+def _refuse_diffusers_ip_adapter(unet: nn.Module, cross: list[AttentionLayer]) -> None:
+    """diffusers' own IP-Adapter (`pipe.load_ip_adapter`) and ours would both act on the same layers."""
+    unet = getattr(unet, "_orig_mod", unet)
+    loaded = getattr(getattr(unet, "config", None), "encoder_hid_dim_type", None) == "ip_image_proj" or any(
+        type(layer.module.processor).__name__.startswith("IPAdapter") for layer in cross
+    )
+    if loaded:
+        raise ValueError(
+            "this UNet has diffusers' own IP-Adapter loaded (pipe.load_ip_adapter): call pipe.unload_ip_adapter() "
+            "before attaching an ipadapter adapter"
+        )
+
+
+def _warn_bypassed(cross: list[AttentionLayer]) -> None:
+    """Warns when cross-attention layers have processors whose own work (slicing, a custom computation) would not run
+    while an image prompt acts there."""
+    found = sorted({type(layer.module.processor).__name__ for layer in cross} - _REPRODUCED)
+    if found:
+        warnings.warn(
+            f"the UNet's cross-attention layers use {', '.join(found)}; while an image prompt acts on a layer, "
+            "ipadapter's processor computes its attention (diffusers' AttnProcessor2_0 plus the image branch), so "
+            "what those processors do differently (e.g. slicing) does not apply there; they run again where no "
+            "image prompt acts and after detach()",
+            stacklevel=3,
+        )

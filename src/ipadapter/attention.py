@@ -191,8 +191,9 @@ class ImageBranch:
         tokens = self.state.tokens_for(batch, group)  # (B, T, C)
         weight = self.layer.to_k_ip.weight
         tokens = tokens.to(device=weight.device, dtype=weight.dtype)
-        k = self.layer.to_k_ip(tokens).to(query.dtype)  # (B, T, H*Dh)
-        v = self.layer.to_v_ip(tokens).to(query.dtype)
+        # (the adapter may sit on another device than the UNet's layers, e.g. after `pipe.to("cuda")`)
+        k = self.layer.to_k_ip(tokens).to(device=query.device, dtype=query.dtype)  # (B, T, H*Dh)
+        v = self.layer.to_v_ip(tokens).to(device=query.device, dtype=query.dtype)
         k = k.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
         return k, v

@@ -154,7 +154,18 @@ class ImagePrompter:
                     )
                 check_encoder(a.config, e)
         self.pipe = pipe
-        self.adapters = [a if a.attached else a.attach(pipe.unet) for a in adapters]
+        attached: list[IPAdapter] = []
+        try:
+            for a in adapters:
+                if a.attached:  # attached by the caller: to this pipeline's UNet
+                    a.check_attached(pipe.unet)
+                else:
+                    attached.append(a.attach(pipe.unet))
+        except Exception:
+            for a in attached:  # a later adapter did not fit: the UNet is left as it was
+                a.detach()
+            raise
+        self.adapters = adapters
         self.encoders = encoders
 
     @property
@@ -168,6 +179,27 @@ class ImagePrompter:
     def detach(self) -> None:
         for a in self.adapters:
             a.detach()
+
+    def _check_attached(self) -> None:
+        """Before a call: every adapter acts on `pipe.unet` (see `IPAdapter.check_attached`), on the UNet's device,
+        and no other adapter without an image prompt sits on the same layers."""
+        unet = self.pipe.unet
+        for a in self.adapters:
+            a.check_attached(unet)
+        idle = {o for a in self.adapters for o in a.co_attached()} - set(self.adapters)
+        idle = [o for o in idle if not o.state.groups]
+        if idle:
+            raise ValueError(
+                f"another adapter ({', '.join(sorted(o.config.variant for o in idle))}) is attached to this pipeline's "
+                "UNet with no image prompt for this call: detach it (its ImagePrompter's detach()), or run the "
+                "adapters together through one ImagePrompter([adapter_a, adapter_b])"
+            )
+        param = next(unet.parameters(), None)
+        if param is not None and param.device.type != "meta":  # e.g. pipe.to("cuda") after attaching
+            for a in self.adapters:
+                own = next(a.parameters(), None)
+                if own is not None and own.device != param.device:
+                    a.to(param.device)
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         # diffusers' rule (`do_classifier_free_guidance`): guidance > 1 and no guidance-embedding UNet.
@@ -380,13 +412,13 @@ class ImagePrompter:
         self,
         image: ImageInput | Sequence | None = None,
         prompt: str | list[str] | None = "",
-        scale: float | Sequence[float] | Mapping = 1.0,
+        scale: float | Sequence[float] | Mapping | None = None,
         negative_image: ImageInput | Sequence | None = None,
         face_id: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
-        start: float = 0.0,
-        end: float = 1.0,
+        start: float | None = None,
+        end: float | None = None,
         prompts: Sequence[ImagePrompt] | None = None,
         **controls,
     ):
@@ -394,15 +426,15 @@ class ImagePrompter:
 
         Args:
             image: reference(s): one for every prompt, one per prompt, or lists of several (module docstring).
-            prompt: text prompt(s); "" for image-only prompting.
-            scale: λ for every layer, one per adapted layer, or a diffusers block dict.
+            prompt: text prompt(s); "" for image-only prompting (None when `prompt_embeds` is given).
+            scale: λ for every layer, one per adapted layer, or a diffusers block dict (default 1).
             negative_image: image(s) used as the unconditional image prompt instead of the empty one.
             face_id: ArcFace embeddings for FaceID adapters: (512,), (N, 512) one per prompt, or (N, K, 512) with K
                 faces of one person per prompt (see `ImagePrompt.face_id`).
             guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
             num_images_per_prompt: images per prompt, passed to the pipeline.
-            start: the image prompt acts from this fraction of the denoising schedule on ...
-            end: ... up to this fraction (step i of N acts when start <= i/N and (i+1)/N <= end).
+            start: the image prompt acts from this fraction of the denoising schedule on (default 0) ...
+            end: ... up to this fraction (default 1; step i of N acts when start <= i/N and (i+1)/N <= end).
             prompts: one `ImagePrompt` per adapter (instead of the arguments above), for several adapters.
             **controls: other `ImagePrompt` fields (preset, combine, weights, mask, regions, prep, negative_noise,
                 composition_image, composition_scale, content_embeds, content_scale); everything else goes to
@@ -418,15 +450,22 @@ class ImagePrompter:
         if "pipeline_image" in controls:  # the pipeline's own `image` (img2img start, ControlNet condition)
             controls["image"] = controls.pop("pipeline_image")
         if prompts is None:
-            prompts = [ImagePrompt(image=image, scale=scale, negative_image=negative_image, face_id=face_id,
-                                   start=start, end=end, **prompt_controls)]  # fmt: skip
+            prompts = [ImagePrompt(image=image, scale=1.0 if scale is None else scale, negative_image=negative_image,
+                                   face_id=face_id, start=0.0 if start is None else start,
+                                   end=1.0 if end is None else end, **prompt_controls)]  # fmt: skip
         else:
-            if negative_image is not None or face_id is not None or prompt_controls:
-                raise ValueError("pass either `prompts` (one ImagePrompt per adapter) or the single-adapter arguments")
+            single = {"negative_image": negative_image, "face_id": face_id, "scale": scale, "start": start, "end": end}
+            given = sorted([k for k, v in single.items() if v is not None] + list(prompt_controls))
+            if given:
+                raise ValueError(f"pass either `prompts` (one ImagePrompt per adapter, each with its own settings) or "
+                                 f"the single-adapter arguments; found both (prompts and {', '.join(given)})")  # fmt: skip
             if image is not None:  # with `prompts`, `image` is the pipeline's own argument
                 controls["image"] = image
         if len(prompts) != len(self.adapters):
             raise ValueError(f"expected one ImagePrompt per adapter ({len(self.adapters)}), found {len(prompts)}")
+        self._check_attached()
+        if prompt == "" and controls.get("prompt_embeds") is not None:  # (diffusers refuses a prompt beside them)
+            prompt = None
         if guidance_scale is None:
             guidance_scale = inspect.signature(self.pipe.__call__).parameters["guidance_scale"].default
         if prompt is None:  # prompt_embeds given instead: one image prompt row per embedding row
@@ -443,6 +482,8 @@ class ImagePrompter:
             hook = None
             if any(a.state.windowed or any(g.mask is not None for g in a.state.groups) for a in self.adapters):
                 hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
+                for a in self.adapters:
+                    a.state.step_tracked = True
             try:
                 return self.pipe(
                     prompt=prompt,
@@ -458,6 +499,7 @@ class ImagePrompter:
                 a.state.clear()
                 a.state.progress = None
                 a.state.latent_size = None
+                a.state.step_tracked = False
 
     def _track_step(self, module, args, kwargs) -> None:
         """Before each UNet call: the latent's (H, W) (for masks) and which step of the scheduler's full schedule this

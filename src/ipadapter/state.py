@@ -73,8 +73,10 @@ def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, c
         return rows if batch_size == n else rows.repeat_interleave(batch_size // n, dim=0)
     if batch_size % (2 * n):
         raise ValueError(
-            f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}) for the {n} image prompts "
-            "set with unconditional tokens; set uncond=None when classifier-free guidance is off"
+            f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}: unconditional rows, then "
+            f"conditional rows) for the {n} image prompts set with unconditional tokens. Other batch layouts (e.g. "
+            "InstructPix2Pix's three rows, perturbed-attention guidance's extra rows, guidance switched off during a "
+            "generation) are not supported; set uncond=None when classifier-free guidance is off"
         )
     r = batch_size // (2 * n)
     first = rows if uncond is None else uncond
@@ -141,6 +143,7 @@ class PromptState:
         self.window = (0.0, 1.0)  # active from/to these fractions of the denoising (official custom pipeline rule)
         self._progress: tuple[int, int] | None = None  # (step index, number of steps) of the current UNet call
         self._inside: dict[tuple[float, float], bool] | None = None  # each window: does it hold that step?
+        self.step_tracked = False  # whether a caller (ImagePrompter) sets `progress` before UNet calls that need it
         self.latent_size: tuple[int, int] | None = None  # (H, W) of the UNet's input, when known (masks' grids)
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
         self._cache: dict[tuple, object] = {}  # image keys/values and masks, kept until the tokens change
@@ -281,8 +284,16 @@ class PromptState:
 
     def in_window(self, window: tuple[float, float] | None = None) -> bool:
         window = self.window if window is None else window
-        if window == (0.0, 1.0) or self._inside is None:  # the whole denoising, or no step tracked
+        if window == (0.0, 1.0):
             return True
+        if self._inside is None:
+            if not self.step_tracked:
+                raise ValueError(
+                    f"a step window {window} is set but the denoising step is unknown: run the pipeline through "
+                    "ImagePrompter (it tracks the step), or set `adapter.state.progress = (i, num_steps)` before "
+                    "each UNet call"
+                )
+            return True  # a step the tracker did not find in the scheduler's timesteps
         inside = self._inside.get(window)
         return _inside(window, self._progress) if inside is None else inside  # (a window set during the steps)
 
