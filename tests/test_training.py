@@ -186,7 +186,8 @@ def test_sigterm_or_ctrl_c_stops_with_a_checkpoint_that_resumes(world, tmp_path,
 
     logged = [e.step for path in output.rglob("events.out.tfevents.*") for e in EventFileLoader(str(path)).Load()
               if any(v.tag == "loss" for v in e.summary.value)]  # fmt: skip
-    assert max(logged) >= step - 10  # TensorBoard holds the losses up to the interruption (--log-every 10)
+    # TensorBoard holds the losses up to the interruption (--log-every 10; none yet on a loaded machine's first steps)
+    assert max(logged, default=0) >= step - 10
     final = train(_cfg(world, output, max_steps=step + 1, resume="latest"), show_progress=False)
     assert final.name == f"checkpoint-{step + 1}"
 
