@@ -42,3 +42,25 @@ def test_finetuned_model_and_controlnet_train_and_work_with_the_shipped_adapter(
                    output_type="np", generator=torch.Generator("cpu").manual_seed(0)).images  # fmt: skip
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     prompter.detach()
+
+
+def test_derived_models_never_delete_what_they_did_not_write(tmp_path, capsys):
+    """--out holding other files (or the base model itself) is refused before any training; a previous output of
+    the same command is replaced, and only once the new one is complete."""
+    from ipadapter.tinyworld.derived import main
+
+    precious = tmp_path / "precious"
+    (precious / "mydata").mkdir(parents=True)
+    (precious / "mydata" / "notes.txt").write_text("important")
+    assert main(["finetune", "--steps", "1", "--batch-size", "2", "--out", str(precious)]) == 2
+    assert "already holds files that this command did not write (no finetune.json)" in capsys.readouterr().err
+    assert main(["controlnet", "--steps", "1", "--batch-size", "2", "--out", str(precious)]) == 2
+    assert (precious / "mydata" / "notes.txt").read_text() == "important"
+    for bad in (["--steps", "0"], ["--restrict", "pattern=wavy"]):
+        assert main(["finetune", *bad, "--out", str(tmp_path / "new")]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    tuned = finetune("tinyworld", tmp_path / "tuned", {"pattern": "striped"}, steps=1, batch_size=2, num_scenes=4)
+    assert main(["finetune", "--base", str(tuned), "--out", str(tuned), "--steps", "1"]) == 2
+    assert "is the base model's folder" in capsys.readouterr().err
+    again = finetune("tinyworld", tuned, {"pattern": "striped"}, steps=1, batch_size=2, num_scenes=4, seed=1)
+    assert (again / "image_encoder").is_dir() and not (tmp_path / ".tuned.partial").exists()

@@ -20,6 +20,7 @@ import json
 import logging
 import random
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,9 +141,39 @@ def _batch(pipe, items, rng: random.Random, generator: torch.Generator, conditio
     return noisy, t, eps, context, cond
 
 
+def _check_run(out: str | Path, record: str, steps: int, batch_size: int, base: str | None = None) -> Path:
+    """Before any training: `out` is new, empty or a previous output of this command (it holds `record`), and not
+    the base model's folder; steps and batch size are positive. Returns the staging folder the result is written to
+    (moved onto `out` once complete, so nothing is lost if the run stops)."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"expected --steps and --batch-size >= 1, found {steps} and {batch_size}")
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out must be a folder to write, found a file: {out}")
+        if any(out.iterdir()) and not (out / record).is_file():
+            raise ValueError(f"--out {out} already holds files that this command did not write (no {record}): give a "
+                             "new folder; a previous output of this command is replaced")  # fmt: skip
+    if base is not None:
+        from ..sources import resolve_base
+
+        base_path = Path(resolve_base(base))
+        if base_path.exists() and base_path.resolve() == out.resolve():
+            raise ValueError(f"--out {out} is the base model's folder: give a new folder")
+    return out.parent / f".{out.name}.partial"
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replaces `out` (a previous output, checked by `_check_run`) by the complete `staging` folder."""
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
 def finetune(base: str, out: str | Path, restrict: dict[str, str], steps: int = 1500, batch_size: int = 32,
              lr: float = 1e-4, num_scenes: int = 4000, seed: int = 0) -> Path:  # fmt: skip
     """Fine-tunes the UNet of `base` on the sub-world `restrict`; writes a complete pipeline folder to `out`."""
+    staging = _check_run(out, "finetune.json", steps, batch_size, base)
     pipe = _load_parts(base)
     unet = pipe.unet.train()
     items = render_scenes(num_scenes, seed, restrict)
@@ -156,19 +187,20 @@ def finetune(base: str, out: str | Path, restrict: dict[str, str], steps: int = 
     ema, seconds, loss = _train(unet, loss_fn, steps, lr)
     unet.load_state_dict(ema)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    if staging.exists():
+        shutil.rmtree(staging)  # an earlier run's incomplete result
     pipe.unet = unet.eval()
-    pipe.save_pretrained(str(out))
+    pipe.save_pretrained(str(staging))
     from ..sources import resolve_base, resolve_image_encoder
 
     encoder = resolve_image_encoder(base)
-    if encoder and not (out / "image_encoder").exists():
-        shutil.copytree(encoder, out / "image_encoder")
+    if encoder and not (staging / "image_encoder").exists():
+        shutil.copytree(encoder, staging / "image_encoder")
     info = {"base": resolve_base(base), "restrict": restrict, "steps": steps, "batch_size": batch_size, "lr": lr,
             "num_scenes": num_scenes, "seed": seed, "seconds": seconds, "final_loss": loss}  # fmt: skip
-    (out / "finetune.json").write_text(json.dumps(info, indent=2))
-    fix_modes(out)
+    (staging / "finetune.json").write_text(json.dumps(info, indent=2))
+    fix_modes(staging)
+    _publish(staging, out)
     return out
 
 
@@ -177,6 +209,7 @@ def controlnet(base: str, out: str | Path, steps: int = 3000, batch_size: int = 
     """Trains a ControlNet on the frozen `base` to follow the silhouette condition; saves it to `out`."""
     from diffusers import ControlNetModel
 
+    staging = _check_run(out, "controlnet_training.json", steps, batch_size)
     pipe = _load_parts(base)
     pipe.unet.requires_grad_(False)
     factor = pipe.vae_scale_factor  # 4 for the tiny world: two stride-2 convs in the conditioning embedding
@@ -197,13 +230,14 @@ def controlnet(base: str, out: str | Path, steps: int = 3000, batch_size: int = 
     ema, seconds, loss = _train(net, loss_fn, steps, lr)
     net.load_state_dict(ema)
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    net.eval().save_pretrained(str(out))
+    if staging.exists():
+        shutil.rmtree(staging)
+    net.eval().save_pretrained(str(staging))
     info = {"base": base, "condition": "silhouette", "steps": steps, "batch_size": batch_size, "lr": lr,
             "num_scenes": num_scenes, "seed": seed, "seconds": seconds, "final_loss": loss}  # fmt: skip
-    (out / "controlnet_training.json").write_text(json.dumps(info, indent=2))
-    fix_modes(out)
+    (staging / "controlnet_training.json").write_text(json.dumps(info, indent=2))
+    fix_modes(staging)
+    _publish(staging, out)
     return out
 
 
@@ -228,13 +262,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    if args.command == "finetune":
-        path = finetune(args.base, args.out, _parse_restrict(args.restrict), args.steps, args.batch_size, args.lr,
-                        seed=args.seed)  # fmt: skip
-    else:
-        path = controlnet(args.base, args.out, args.steps, args.batch_size, args.lr, seed=args.seed)
+    try:
+        if getattr(args, "threads", 0) < 0:
+            raise ValueError(f"expected --threads >= 0 (0: torch's default), found {args.threads}")
+        if getattr(args, "threads", 0):
+            torch.set_num_threads(args.threads)
+        if args.command == "finetune":
+            path = finetune(args.base, args.out, _parse_restrict(args.restrict), args.steps, args.batch_size,
+                            args.lr, seed=args.seed)  # fmt: skip
+        else:
+            path = controlnet(args.base, args.out, args.steps, args.batch_size, args.lr, seed=args.seed)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
