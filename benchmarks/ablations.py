@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results.md"))
     parser.add_argument("--work", default="runs/ablations", help="where trained models are kept and reused")
     parser.add_argument("--only", default="", help="subset of: decoupled, plus, finetuned, controlnet")
-    parser.add_argument("--n", type=int, default=200, help="held-out scenes per measurement")
+    parser.add_argument("--n", type=int, default=200, help="unseen-render scenes per measurement")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -180,7 +180,7 @@ def main() -> None:
     adapter_steps, adapter_lr, num_train = (4, 1e-3, 64) if quick else (1500, 1e-3, 20000)
     scales = [1.0] if quick else [0.5, 0.75, 1.0]
     lines = ["# The paper's claims on the tiny world", "",
-             f"Written by `python benchmarks/ablations.py{' --quick' if quick else ''}` ({n} held-out scenes per "
+             f"Written by `python benchmarks/ablations.py{' --quick' if quick else ''}` ({n} unseen-render scenes per "
              f"measurement, DDIM {settings.steps} steps, guidance {settings.guidance_scale}). Every number is read from "
              "generated images by the attribute reader.", ""]  # fmt: skip
     started = time.time()

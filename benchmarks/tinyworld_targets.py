@@ -1,4 +1,4 @@
-"""The tiny world's targets, measured on held-out scenes with the attribute reader.
+"""The tiny world's targets, measured on unseen-render scenes with the attribute reader.
 
     python benchmarks/tinyworld_targets.py [--n 200] [--scales 0,0.25,0.5,0.75,1.0] [--out docs/tinyworld_targets.md]
 
@@ -21,7 +21,7 @@ TARGETS = {"text PF": 0.85, "image CP": 0.8, "image+text CP": 0.7, "image+text P
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="held-out scenes per measurement")
+    parser.add_argument("--n", type=int, default=200, help="unseen-render scenes per measurement")
     parser.add_argument("--scales", default="0,0.25,0.5,0.75,1.0", help="scale sweep for image + text")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
@@ -60,7 +60,7 @@ def main() -> None:
     lines += [f"| {name} | {value:.3f} | {'yes' if value >= goal else 'no'} |" for name, value, goal in checks]
     table = "\n".join(lines)
     print(table)
-    footer = (f"\n{args.n} held-out scenes per row, DDIM {args.steps} steps, guidance {args.guidance}, "
+    footer = (f"\n{args.n} unseen-render scenes per row, DDIM {args.steps} steps, guidance {args.guidance}, "
               f"torch threads {torch.get_num_threads()}, {time.perf_counter() - started:.0f} s in all.")
     print(footer)
     if args.out:

@@ -53,6 +53,8 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert main(["eval", "tinyworld", "--n", "0"]) == 2
     assert "n must be >= 1, found 0" in capsys.readouterr().err
+    assert main(["eval", "tinyworld", "--n", "2", "--out", str(tmp_path / "file" / "table.md")]) == 2  # before the run
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_convert_never_writes_what_would_read_back_as_another_adapter(tmp_path, capsys):

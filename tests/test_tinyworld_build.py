@@ -201,6 +201,15 @@ def test_overrides_are_typed_and_checked():
     assert config.adapters.variant_steps == {"plus": 9}
     with pytest.raises(ValueError, match="positive step counts; found {'plus': 0}"):
         apply_overrides(SCALES["smoke"]("cpu"), ['adapters.variant_steps={"plus": 0}'])
+    # a bare name is a one-name list (it was split into letters, found only at the last stage, hours later)
+    assert apply_overrides(SCALES["smoke"]("cpu"), ["adapters.variants=base"]).adapters.variants == ("base",)
+    assert apply_overrides(SCALES["smoke"]("cpu"), ["adapters.variants=base,plus"]).adapters.variants == ("base", "plus")
+    for bad, message in (("adapters.variants=bse", r"unknown variant 'bse'"),
+                         ("unet.steps=abc", r"unet.steps expects a number \(int\), found 'abc'"),
+                         ("unet.steps=2.5", r"unet.steps expects a whole number, found '2.5'"),
+                         ("seed=5", r"seed is set with --seed")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(SCALES["smoke"]("cpu"), [bad])
 
 
 def test_contrast_groups_differ_from_their_anchor_in_the_contrasted_attribute_only():
@@ -244,3 +253,13 @@ def test_jobs_run_stages_side_by_side_in_child_processes(built, tmp_path, caplog
     # a child's error stops the build with its status and message
     assert main(["--out", str(tmp_path / "empty"), *SMOKE, "--stages", "unet", "--jobs", "2"]) != 0
     assert "missing ['tokenizer', 'clip', 'vae']" in capfd.readouterr().err
+
+
+def test_command_line_bad_input_is_one_line(tmp_path, capsys):
+    from ipadapter.tinyworld.build import cli
+
+    for argv, message in ((["--stages", "foo"], "unknown stages ['foo']"), (["--threads", "0"], "--threads >= 1"),
+                          (["--set", "unet.steps=abc"], "unet.steps expects a number")):  # fmt: skip
+        assert cli(["--out", str(tmp_path / "b"), "--scale", "smoke", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err

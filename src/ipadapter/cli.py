@@ -122,6 +122,10 @@ def cmd_eval_tinyworld(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --preset {args.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder; expected a file for the Markdown table")
+    if args.out:
+        above = next((p for p in Path(args.out).parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"--out {args.out} cannot be written: {above} is a file, not a folder")
     pipe, prompter, reader = load_tinyworld(args.adapter)
     results = []
     for protocol in args.protocol:
@@ -271,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", nargs="+", default=["text", "image", "image+text"], choices=["text", "image", "image+text"])
     e.add_argument("--scale", nargs="+", type=float, default=[1.0], help="adapter scale(s) (default: 1.0)")
     e.add_argument("--preset", default=None, help="per-block preset (style, composition, ...)")
-    e.add_argument("--n", type=int, default=200, help="held-out scenes per row (default: 200)")
+    e.add_argument("--n", type=int, default=200, help="unseen-render scenes per row (default: 200)")
     e.add_argument("--seed", type=int, default=4242, help="scenes and noise seed (default: 4242)")
     e.add_argument("--steps", type=int, default=25, help="DDIM steps (default: 25)")
     e.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance (default: 4.0)")

@@ -186,6 +186,10 @@ class AdaptersConfig:
         bad = {k: v for k, v in self.variant_steps.items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ValueError(f"adapters.variant_steps maps variant names to positive step counts; found {bad}")
+        from ..variants import get_variant
+
+        for name in self.variants:  # checked before any stage runs (the adapters stage is the last)
+            get_variant(name)
 
 
 @dataclass
@@ -293,6 +297,8 @@ def apply_overrides(config: BuildConfig, overrides: Sequence[str]) -> BuildConfi
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"expected an override like 'unet.batch_size=256'; found {item!r}")
+        if key == "seed":
+            raise ValueError("the build's seed is set with --seed, not --set seed=...")
         *path, name = key.split(".")
         target: Any = config
         for part in path:
@@ -307,11 +313,21 @@ def apply_overrides(config: BuildConfig, overrides: Sequence[str]) -> BuildConfi
         except json.JSONDecodeError:
             value = text
         current = getattr(target, name)
+        expected = type(current).__name__
         if isinstance(current, tuple):
+            # a bare word or "a,b" is a list of names (tuple("base") would be its letters)
+            value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{key} expects a list like a,b or [\"a\", \"b\"], found {text!r}")
             value = tuple(value)
-        elif isinstance(current, bool) or isinstance(current, str):
-            value = type(current)(value)
-        elif isinstance(current, (int, float)):
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} expects true or false, found {text!r}")
+        elif isinstance(current, (str, int, float)):
+            if isinstance(current, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key} expects a number ({expected}), found {text!r}")
+            if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{key} expects a whole number, found {text!r}")
             value = type(current)(value)
         setattr(target, name, value)
         if hasattr(target, "__post_init__"):
@@ -1077,7 +1093,7 @@ def sample_images(unet, text_encoder, vae, tokenizer, scheduler, prompts: Sequen
 
 @torch.no_grad()
 def unet_check(ctx: Context, unet, text_encoder, vae, tokenizer) -> dict[str, Any]:
-    """Samples full captions of held-out scenes; saves the grid; scores prompt following with the reader."""
+    """Samples full captions of unseen-render scenes; saves the grid; scores prompt following with the reader."""
     from ipadapter.tinyworld.metrics import prompt_following
 
     cfg = ctx.config.unet
@@ -1397,6 +1413,8 @@ def estimate_minutes(config: BuildConfig, stages: Sequence[str], device: str) ->
 
 
 def _configure_device(name: str, threads: int | None, deterministic: bool = True) -> torch.device:
+    if threads is not None and threads < 1:
+        raise ValueError(f"expected --threads >= 1, found {threads}")
     if threads is not None:
         torch.set_num_threads(threads)
     if name == "cuda":
@@ -1434,7 +1452,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "command may then give slightly different weights)")  # fmt: skip
     parser.add_argument("--ship", default=None, metavar="ASSETS",
                         help="after a complete build, copy the pipeline folder and adapters into ASSETS (the "
-                        "package's src/ipadapter/tinyworld/assets) as sd/ and adapters/<variant>.safetensors")  # fmt: skip
+                        "package's src/ipadapter/tinyworld/assets): REPLACES its sd/, clip/ and image_text_encoder/ folders, "
+                        "adapters/<variant>.safetensors and build_checks.json")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
                         help="CPU: run up to this many independent stages side by side (tokenizer, clip, vision, "
                         "vae), each in its own process with threads / jobs threads; unet, assemble and adapters "
@@ -1588,5 +1607,14 @@ def _quiet(library: str) -> None:
     module.utils.logging.disable_progress_bar()
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m ipadapter.tinyworld.build`: main() with bad input as one line (`error: ...`, exit status 2)."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -78,7 +78,9 @@ def _grid(rows: list[tuple[str, list[Image.Image], list[str] | None]], out: Path
     import textwrap
 
     columns = max(len(images) for _, images, _ in rows)
-    row_h = CELL + 30
+    wrapped = [[textwrap.wrap(t or '""', width=22) for t in texts] if texts else [] for _, _, texts in rows]
+    lines_needed = max((len(lines) for row in wrapped for lines in row), default=0)
+    row_h = CELL + max(30, 8 + 12 * lines_needed)  # every caption whole (a prompt cut short would misstate it)
     grid = Image.new("RGB", (LABEL + columns * CELL, row_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (label, images, texts) in enumerate(rows):
@@ -87,7 +89,7 @@ def _grid(rows: list[tuple[str, list[Image.Image], list[str] | None]], out: Path
         for c, image in enumerate(images):
             grid.paste(image.resize((CELL, CELL), Image.NEAREST), (LABEL + c * CELL, y))
             if texts:
-                lines = textwrap.wrap(texts[c] or '""', width=22)[:2]
+                lines = wrapped[r][c]
                 draw.multiline_text((LABEL + c * CELL + 2, y + CELL + 2), "\n".join(lines), fill="black", spacing=1)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "demo.png"

@@ -1,6 +1,7 @@
 """Measuring image prompts on the tiny world: Concept Preservation (CP), Prompt Following (PF) and CP x PF.
 
-Three protocols, each on `n` held-out scenes (seeded), generated with the same sampler settings:
+Three protocols, each on `n` unseen-render scenes (seeded: images no training saw, though their attribute combinations
+mostly occur in training; docs/tinyworld.md), generated with the same sampler settings:
 
 - text only: the scene's full caption, no adapter -> PF over the caption's attributes;
 - image only: the rendered scene as reference, empty text, scale lambda -> CP over all attributes;
@@ -27,7 +28,7 @@ PROTOCOLS = ("text", "image", "image+text")
 class EvalSettings:
     """Sampler settings shared by every protocol."""
 
-    n: int = 200  # held-out scenes
+    n: int = 200  # unseen-render scenes
     seed: int = 4242  # scenes and initial noise
     steps: int = 25  # DDIM steps
     guidance_scale: float = 4.0  # classifier-free guidance

@@ -108,6 +108,11 @@ class AttributeReader(nn.Module):
                     f"expected pixel values in [0, 1]; found a minimum of {float(images.min()):.2f} "
                     "(for images in [-1, 1], pass (images + 1) / 2)"
                 )
+            if images.numel() and (not images.is_floating_point() or float(images.max()) > 1.5):
+                raise ValueError(
+                    f"expected float pixel values in [0, 1]; found {images.dtype} with a maximum of "
+                    f"{float(images.max()):.1f} (for 0-255 images, pass images.float() / 255)"
+                )
             x = images.to(device=device, dtype=torch.float32).clamp(0, 1)
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -354,8 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-seed", type=int, default=HELD_OUT_SEED, help="seed of the held-out images")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
+    bad = {k: v for k, v in (("--num-train", args.num_train), ("--steps", args.steps), ("--batch-size", args.batch_size),
+                             ("--eval-n", args.eval_n), ("--threads", args.threads)) if v < 1}  # fmt: skip
+    if bad:
+        parser.error(f"expected values >= 1, found {bad}")
     if args.eval_seed == args.seed:
-        raise ValueError(f"--eval-seed must differ from --seed so accuracy is held out; both are {args.seed}")
+        parser.error(f"--eval-seed must differ from --seed so accuracy is held out; both are {args.seed}")
+    if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():
+        parser.error(f"--out is the weights file to write (its folder must exist), found {args.out!r}")
     torch.set_num_threads(args.threads)
     start = time.time()
     reader = train_reader(args.num_train, args.steps, args.seed, args.batch_size, args.lr)
