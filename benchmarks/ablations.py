@@ -180,7 +180,8 @@ def main() -> None:
     adapter_steps, adapter_lr, num_train = (4, 1e-3, 64) if quick else (1500, 1e-3, 20000)
     scales = [1.0] if quick else [0.5, 0.75, 1.0]
     lines = ["# The paper's claims on the tiny world", "",
-             f"Written by `python benchmarks/ablations.py{' --quick' if quick else ''}` ({n} unseen-render scenes per "
+             f"Written by `python benchmarks/ablations.py{' --quick' if quick else f' --n {n}'}` ({n} unseen-render "
+             "scenes per "
              f"measurement, DDIM {settings.steps} steps, guidance {settings.guidance_scale}). Every number is read from "
              "generated images by the attribute reader.", ""]  # fmt: skip
     started = time.time()

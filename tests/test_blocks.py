@@ -80,7 +80,8 @@ def test_block_dicts_expand_like_diffusers(names):
     unet = real_unet_on_meta("sdxl")
     layer_names = names["sdxl"]
     for scales in ({"up": {"block_0": [0.0, 1.0, 0.0]}}, {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}},
-                   {"down": 0.5, "mid": 0.25, "up": {"block_1": 0.75}}):  # fmt: skip
+                   {"down": 0.5, "mid": 0.25, "up": {"block_1": 0.75}}, {"up": {"block_1": [0.5]}},
+                   {"down": {"block_0": 1.0, "block_1": [0.5]}}):  # fmt: skip (SDXL's block_0 has no cross-attention)
         (expanded,) = _maybe_expand_lora_scales(unet, [scales], default_scale=0.0)
         expected = []
         for name in layer_names:  # diffusers' set_ip_adapter_scale: the last matching prefix wins
@@ -92,6 +93,13 @@ def test_block_dicts_expand_like_diffusers(names):
         assert block_dict_weights(layer_names, scales) == expected
     with pytest.raises(ValueError, match="keys 'down', 'mid', 'up'; found \\['middle'\\]"):
         block_dict_weights(layer_names, {"middle": 1.0})
+    with pytest.raises(ValueError, match="Expected 3 scales for up.block_1, got 4"):  # diffusers refuses it too
+        _maybe_expand_lora_scales(unet, [{"up": {"block_1": [0, 1, 0, 5]}}], default_scale=0.0)
+    with pytest.raises(ValueError, match=r"expected 3 scales for up.block_1 \(one per transformer\) or one for all, "
+                                         r"found 4"):  # fmt: skip
+        block_dict_weights(layer_names, {"up": {"block_1": [0, 1, 0, 5]}})
+    with pytest.raises(ValueError, match=r"down takes keys block_0, block_1, ...; found 'blk_1'"):
+        block_dict_weights(layer_names, {"down": {"blk_1": 1.0}})
     assert layer_weights(layer_names, 0.5) == [0.5] * 70
 
 

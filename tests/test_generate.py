@@ -233,7 +233,7 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
         ([*ref, "--mask", str(tmp_path / "nomask.png")], "image not found: .*nomask.png"),
         ([*ref, "--weights", "1", "2"], r"one --weights value per reference image \(1\), found 2"),
         ([*ref, "--face-id", str(tmp_path / "face.npy")], "not found: .*face.npy"),
-        ([*ref, "--combine", "mean"], "unknown --combine 'mean'"),
+        (["--image", ref[1], ref[1], *ref[2:], "--combine", "mean"], "unknown --combine 'mean'"),
         (["--face-image", str(root / "ref.png"), "--adapter", str(faceid), "--insightface-root", str(tmp_path)],
          "insightface"),  # not installed here, or no model pack: named
     ]
@@ -397,6 +397,10 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         ([*ok, "--device", "gpu9"], "unknown --device 'gpu9'"),
         ([*ok, "--init-image", ref, "--steps", "4", "--strength", "0.2"], r"int\(4 x 0.2\) = 0 denoising steps"),
         ([*ok, "--strength", "0.5"], "--strength acts only with --init-image"),
+        ([*ok, "--combine", "average"], r"--combine mixes several references .*; one --image was given"),
+        ([*ok, "--negative-prompt", "red", "--negative-image", ref, "--guidance", "1"],
+         r"--negative-prompt, --negative-image act\(s\) only with classifier-free guidance \(--guidance > 1\); found "
+         r"--guidance 1"),
         ([*ok, "--boost", "1"], "--boost goes with --preset style_precise / composition_precise"),
         ([*ok, "--controlnet", str(control), "--control-image", ref],
          r"the ControlNet .* is for a UNet with block_out_channels \[8, 16\]; the base's UNet has"),

@@ -690,3 +690,15 @@ def test_tensorboard_gets_loss_and_throughput_when_installed(world, tmp_path):
             for value in event.summary.value:
                 steps.setdefault(value.tag, []).append(event.step)
     assert steps["loss"] == [1, 2, 3] and steps["samples_per_s"] == [1, 2, 3] and steps["lr"] == [1, 2, 3]
+
+
+def test_training_without_accelerate_names_the_extra_to_install(world, tmp_path, monkeypatch, capsys):
+    """`pip install ipadapter` (no [train] extra) generates; `ipadapter train` then says what to install."""
+    from ipadapter.cli import main
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # what a missing package looks like to `import`
+    args = ["train", "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"],
+            "--resolution", "16", "--max-steps", "1", "--output", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "ipadapter train needs Hugging Face Accelerate" in err and "pip install 'ipadapter[train]'" in err

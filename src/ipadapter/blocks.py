@@ -184,11 +184,27 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
     """λ per adapted layer from a diffusers `set_ip_adapter_scale` dict, e.g.
     {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}} (unnamed transformers get 0).
 
-    "down"/"up" take a number (every block) or {"block_i": number or one number per transformer of block i};
-    "mid" takes a number (or a one-element list)."""
+    "down"/"up" take a number (every block) or {"block_i": number, one number per transformer of block i, or a
+    one-element list for all of them}; "mid" takes a number (or a one-element list). As diffusers, a list of another
+    length is refused, a block without cross-attention ignored."""
     unknown = set(scales) - {"down", "mid", "up"}
     if unknown:
         raise ValueError(f"block weights take the keys 'down', 'mid', 'up'; found {sorted(unknown)}")
+    per_block: dict[tuple[int, int], int] = {}  # (kind, block) -> its number of transformers
+    for name in layer_names:
+        _, (kind, block, index) = transformer_of(name)
+        per_block[(kind, block)] = max(per_block.get((kind, block), 0), index + 1)
+    for side, kind in (("down", 0), ("up", 2)):  # diffusers' rules (`_maybe_expand_lora_scales`)
+        part = scales.get(side)
+        if not isinstance(part, Mapping):
+            continue
+        for key, value in part.items():
+            if not (key.startswith("block_") and key[6:].isdigit()):
+                raise ValueError(f"{side} takes keys block_0, block_1, ...; found {key!r}")
+            count = per_block.get((kind, int(key[6:])))  # None: no cross-attention there (ignored, as diffusers)
+            if count is not None and isinstance(value, (list, tuple)) and len(value) not in (1, count):
+                raise ValueError(f"expected {count} scales for {side}.{key} (one per transformer) or one for all, "
+                                 f"found {len(value)}")  # fmt: skip
     result = []
     for name in layer_names:
         transformer, (kind, block, index) = transformer_of(name)
@@ -205,12 +221,7 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
             continue
         value = part.get(f"block_{block}", 0.0)
         if isinstance(value, (list, tuple)):
-            if index >= len(value):
-                raise ValueError(
-                    f"{('down', 'mid', 'up')[kind]}.block_{block} has more transformers than the {len(value)} "
-                    f"scales given ({transformer})"
-                )
-            value = value[index]
+            value = value[0] if len(value) == 1 else value[index]  # one number for all the block's transformers
         result.append(float(value))
     return result
 

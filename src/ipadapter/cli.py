@@ -82,6 +82,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       ("--content-scale", "content_scale", "--content-text", "content_text")):  # fmt: skip
         if name in values and not values.get(needed):
             raise ValueError(f"{flag} acts only with {needs}, which was not given")
+    if values.get("combine") and len(values.get("images") or []) < 2 and values.get("prep") != "tiles":
+        raise ValueError("--combine mixes several references (or the tiles of --prep tiles); one --image was given")
+    if values.get("guidance") is not None and values["guidance"] <= 1:
+        negatives = [flag for flag, name in (("--negative-prompt", "negative_prompt"),
+                                             ("--negative-image", "negative_images"),
+                                             ("--negative-noise", "negative_noise")) if name in values]  # fmt: skip
+        if negatives:
+            raise ValueError(f"{', '.join(negatives)} act(s) only with classifier-free guidance (--guidance > 1); "
+                             f"found --guidance {values['guidance']:g}")  # fmt: skip
     for path in generate(GenerateConfig(**values)):
         print(path)
     return 0

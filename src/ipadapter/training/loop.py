@@ -108,6 +108,11 @@ class Trainer:
     """One training run (see `TrainConfig`)."""
 
     def __init__(self, cfg: TrainConfig, show_progress: bool = True) -> None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as e:  # `pip install ipadapter` has what generation needs; training needs the extra
+            raise ImportError(f"ipadapter train needs Hugging Face Accelerate ({e}): pip install 'ipadapter[train]' "
+                              "(from a clone: pip install -e \".[train]\")") from e  # fmt: skip
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedType, InitProcessGroupKwargs
@@ -672,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         final = train(cfg)
-    except (ValueError, OSError) as e:  # OSError: missing files, hub ids that cannot be fetched
+    except (ValueError, OSError, ImportError) as e:  # OSError: missing files, hub ids that cannot be fetched
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
