@@ -82,7 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                       ("--content-scale", "content_scale", "--content-text", "content_text")):  # fmt: skip
         if name in values and not values.get(needed):
             raise ValueError(f"{flag} acts only with {needs}, which was not given")
-    if values.get("combine") and len(values.get("images") or []) < 2 and values.get("prep") != "tiles":
+    if (values.get("combine") and not values.get("embeds") and len(values.get("images") or []) < 2
+            and values.get("prep") != "tiles"):  # (saved embeddings may hold several references)
         raise ValueError("--combine mixes several references (or the tiles of --prep tiles); one --image was given")
     if values.get("guidance") is not None and values["guidance"] <= 1:
         negatives = [flag for flag, name in (("--negative-prompt", "negative_prompt"),
