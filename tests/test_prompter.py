@@ -21,6 +21,14 @@ def folders(tmp_path_factory):
     return base, encoder, root
 
 
+@pytest.fixture(scope="module")
+def compact_folders(tmp_path_factory):
+    """The same with a 4-layer UNet: tracing 16 layers for each graph of a compile test costs a minute on CI."""
+    root = tmp_path_factory.mktemp("compact")
+    base, encoder = make_sd_folder(root, compact=True)
+    return base, encoder, root
+
+
 def _pipes(base, encoder_folder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -124,11 +132,11 @@ def test_step_window(folders):
 
 
 @pytest.mark.parametrize("order", ["attach, then compile", "compile, then attach"])
-def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(folders, order):
+def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(compact_folders, order):
     """pipe.unet = torch.compile(pipe.unet), before or after the adapter is attached: the same images as eager, from
     one graph for all the steps of a generation (no step recompiles) that a second generation with the same settings
     reuses; a step window adds two graphs (steps inside it, steps outside), not one per step."""
-    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    ours, adapter, encoder = _perturbed_base_adapter(compact_folders)
     reference = Image.new("RGB", (28, 28), "red")
     graphs = []
 

@@ -240,19 +240,70 @@ def test_min_snr_weights_cap_the_loss_of_low_noise_timesteps():
 
 
 def test_jobs_run_stages_side_by_side_in_child_processes(built, tmp_path, caplog, capfd):
-    stages = ("tokenizer", "clip", "vae", "unet")
+    stages = ("tokenizer", "clip", "vae")
     with caplog.at_level(logging.INFO, logger="ipadapter.tinyworld.build"):
         assert main(["--out", str(tmp_path), *SMOKE, "--jobs", "2", "--threads", "2", "--stages", ",".join(stages)]) == 0
     started = [r.getMessage() for r in caplog.records if "child process" in r.getMessage()]
-    # vae needs nothing, so it runs beside the tokenizer and then beside clip; unet starts alone with both threads
-    assert started == [f"{s}: starting in a child process with {2 if s == 'unet' else 1} thread(s)"
-                       for s in ("tokenizer", "vae", "clip", "unet")]
+    # vae needs nothing, so it runs beside the tokenizer and then beside clip (the whole schedule: the test below)
+    assert started == [f"{s}: starting in a child process with 1 thread(s)" for s in ("tokenizer", "vae", "clip")]
     for stage in stages:
         assert done(tmp_path, stage)["config"] == done(built, stage)["config"]  # the same build, stage by stage
     assert not list(tmp_path.rglob("*.tmp"))
     # a child's error stops the build with its status and message
     assert main(["--out", str(tmp_path / "empty"), *SMOKE, "--stages", "unet", "--jobs", "2"]) != 0
     assert "missing ['tokenizer', 'clip', 'vae']" in capfd.readouterr().err
+
+
+def test_jobs_schedule_every_stage_after_what_it_reads_and_the_heavy_ones_alone(tmp_path, monkeypatch):
+    """The whole build's schedule with --jobs 2 --threads 4, children simulated (each finishes after a few polls):
+    never more than 2 at once, each with 2 threads; a stage starts only once every stage it reads is done; unet,
+    assemble and adapters run alone with all 4 threads; a failing child stops what has not started."""
+    import argparse
+
+    from ipadapter.tinyworld import build
+
+    def simulate(fail: str | None = None) -> tuple[int, list[tuple[str, int, set[str], set[str]]]]:
+        out = tmp_path / f"sim-{fail}"
+        ctx = build.Context(out=out, config=SCALES["smoke"]("cpu"), device=torch.device("cpu"), stop_after=None)
+        log, running, finished = [], {}, set()
+        durations = {"vae": 6, "clip": 3}  # polls until a child exits: the vae is slow
+
+        class Child:
+            def __init__(self, command, env):
+                self.stage, self.polls = command[command.index("--stages") + 1], 0
+                threads = int(command[command.index("--threads") + 1])
+                assert env["OMP_NUM_THREADS"] == str(threads)
+                log.append((self.stage, threads, set(running), set(finished)))
+                running[self.stage] = self
+
+            def poll(self):
+                self.polls += 1
+                if self.polls < durations.get(self.stage, 2):
+                    return None
+                del running[self.stage]
+                if self.stage == fail:
+                    return 7
+                (out / self.stage).mkdir(parents=True, exist_ok=True)
+                (out / self.stage / "done.json").write_text("{}")
+                finished.add(self.stage)
+                return 0
+
+        monkeypatch.setattr(build.subprocess, "Popen", Child)
+        monkeypatch.setattr(build.time, "sleep", lambda s: None)
+        args = argparse.Namespace(scale="smoke", seed=0, recipe=None, overrides=[], stop_after=None)
+        return build.run_side_by_side(ctx, args, build.STAGES, jobs=2, threads=4), log
+
+    status, log = simulate()
+    assert status == 0 and sorted(stage for stage, *_ in log) == sorted(build.STAGES)
+    for stage, threads, beside, finished_before in log:
+        assert set(build.REQUIRES[stage]) <= finished_before, stage  # what it reads is done
+        assert len(beside) <= 1  # at most 2 at once
+        solo = stage in ("unet", "assemble", "adapters")
+        assert (threads, beside) == ((4, set()) if solo else (2, beside)), (stage, threads, beside)
+        assert not beside & {"unet", "assemble", "adapters"}
+    assert any(beside for *_, beside, _ in log)  # light stages did run side by side
+    status, log = simulate(fail="clip")
+    assert status == 7 and "unet" not in [stage for stage, *_ in log]  # nothing that needs clip was started
 
 
 def test_command_line_bad_input_is_one_line(tmp_path, capsys):

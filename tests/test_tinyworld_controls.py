@@ -13,7 +13,8 @@ from ipadapter.blocks import preset_weights
 from ipadapter.tinyworld.evaluate import held_out_scenes, load_tinyworld
 from ipadapter.tinyworld.world import ATTRIBUTES, render
 
-N, STEPS = 32, 10
+N, STEPS = 32, 6  # 6 DDIM steps: the effects measured here are as clear as at 10 (the checked margins moved by
+# at most 0.06), in 60% of the time; the negative image's subtler effect is measured at 10
 APPEARANCE, LAYOUT = ("color", "pattern", "background"), ("position",)
 
 
@@ -22,9 +23,9 @@ def world():
     return load_tinyworld("tinyworld-base")
 
 
-def _reads(world, references, seed=0, **controls):
+def _reads(world, references, seed=0, steps=STEPS, **controls):
     pipe, prompter, reader = world
-    images = prompter(image=references, prompt=[""] * len(references), num_inference_steps=STEPS, guidance_scale=4.0,
+    images = prompter(image=references, prompt=[""] * len(references), num_inference_steps=steps, guidance_scale=4.0,
                       generator=torch.Generator("cpu").manual_seed(seed), **controls).images  # fmt: skip
     return reader.predict(images)
 
@@ -63,8 +64,8 @@ def test_two_averaged_references_carry_attributes_of_both(world):
 def test_negative_image_pushes_its_attributes_out(world):
     scenes = held_out_scenes(N, 7)
     references = [render(s) for s in scenes]
-    plain = _reads(world, references)
-    pushed = _reads(world, references, negative_image=references)  # the same image on the unconditional side
+    plain = _reads(world, references, steps=10)
+    pushed = _reads(world, references, steps=10, negative_image=references)  # the same image on the unconditional side
     assert _kept(scenes, pushed, list(ATTRIBUTES)) <= _kept(scenes, plain, list(ATTRIBUTES)) - 0.1
 
 

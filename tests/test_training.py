@@ -34,6 +34,15 @@ def world(tmp_path_factory):
     return {"base": base, "encoder": encoder, "data": data, "root": root}
 
 
+@pytest.fixture(scope="module")
+def compact_world(world, tmp_path_factory):
+    """The same data and a 4-layer UNet, for the launcher and compiler tests: what they check does not depend on the
+    depth, and starting processes and tracing graphs of 16 layers would cost minutes of the suite's budget."""
+    root = tmp_path_factory.mktemp("compact")
+    base, encoder = make_sd_folder(root, compact=True)
+    return {**world, "base": base, "encoder": encoder, "root": root}
+
+
 def _cfg(world, output, **kw) -> TrainConfig:
     defaults = dict(base=world["base"], image_encoder=world["encoder"], data=world["data"], resolution=16,
                     batch_size=4, max_steps=4, save_every=2, log_every=1, output=str(output))
@@ -407,10 +416,11 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
         train(_cfg(world, tmp_path / "c", init_adapter=str(official), variant="plus"), show_progress=False)
 
 
-def test_two_processes_train_one_checkpoint(world, tmp_path):
+def test_two_processes_train_one_checkpoint(compact_world, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); `--multi_gpu` starts two (as
     # torchrun), also without GPUs, and the trainer then sets Accelerate up for gloo on CPU. With --compile: DDP
     # around a compiled UNet call (the signal test below runs two plain processes under torchrun).
+    world = compact_world
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(free_port()), "-m", "ipadapter.train",
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
@@ -476,11 +486,12 @@ def test_mixed_precision_follows_the_launcher_unless_the_run_names_one(world, tm
     assert Trainer(_cfg(world, tmp_path / "d"), show_progress=False).cfg.mixed_precision == "no"
 
 
-def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(world, tmp_path):
+def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(compact_world, tmp_path):
     """The documented DeepSpeed route, with the example config as shipped: ZeRO-2 shards the optimizer over two
     processes (gloo on CPU), bf16 runs the adapter in bfloat16 with float32 master weights, gradient accumulation is
     DeepSpeed's. The checkpoint keeps both processes' shards and the float32 adapter; resuming it gives the
     uninterrupted run's adapter."""
+    world = compact_world
     config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "deepspeed_zero2.yaml"
 
     def launch(*extra: str) -> None:
@@ -513,9 +524,10 @@ def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker processes through /proc")
-def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(world, tmp_path):
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(compact_world, tmp_path):
     """Preemption may reach one worker first: the processes agree at the next log step and save that step together,
     instead of one leaving while the other waits for it forever."""
+    world = compact_world
     output = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "ipadapter.train", "--base", world["base"], "--image-encoder", world["encoder"], "--data",
@@ -603,11 +615,12 @@ def test_recipe_options_run_and_are_recorded(world, tmp_path):
     assert all(torch.isfinite(p).all() for p in load_adapter(final / "adapter.safetensors").parameters())
 
 
-def test_a_compiled_step_trains_the_same_adapter_without_recompiling(world, tmp_path, monkeypatch):
+def test_a_compiled_step_trains_the_same_adapter_without_recompiling(compact_world, tmp_path, monkeypatch):
     """--compile: the UNet's training step through torch.compile (aot_eager here: the same graph capture as inductor,
     without minutes of C++ compilation on a CI machine) gives the eager run's weights and a plain checkpoint;
     validation still generates (with the uncompiled UNet); no step recompiles, not even the one after a validation
     (the adapter's Python state is the same at every entry)."""
+    world = compact_world
     import torch._dynamo
 
     torch._dynamo.reset()

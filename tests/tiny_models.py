@@ -36,11 +36,21 @@ def unet_config(family: str, cross_attention_dim: int = 32, width: int = 32) -> 
     return cfg
 
 
+def compact_unet_config(cross_attention_dim: int = 32) -> dict:
+    """SD1.5's blocks cut to two levels of one layer: 4 cross-attention layers instead of 16. For tests of what does
+    not depend on the depth (compilation, processes, launchers), where tracing or running 16 layers costs minutes."""
+    cfg = unet_config("sd15", cross_attention_dim)
+    cfg.update(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+               up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1)
+    return cfg
+
+
 def tiny_unet(family: str = "sd15", seed: int = 0, **kwargs):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**unet_config(family, **kwargs)).eval()
+    cfg = compact_unet_config(**kwargs) if family == "compact" else unet_config(family, **kwargs)
+    return UNet2DConditionModel(**cfg).eval()
 
 
 def real_unet_on_meta(family: str):
@@ -86,8 +96,9 @@ def tiny_clip_vision(hidden: int = 48, projection: int = 40, image_size: int = 2
     return CLIPVisionModelWithProjection(cfg).eval()
 
 
-def make_sd_folder(path, seed: int = 0) -> tuple[str, str]:
-    """A complete tiny SD1.5-shaped diffusers folder (16 px images, 8x8 latents) and a tiny image encoder folder.
+def make_sd_folder(path, seed: int = 0, compact: bool = False) -> tuple[str, str]:
+    """A complete tiny SD1.5-shaped diffusers folder (16 px images, 8x8 latents) and a tiny image encoder folder;
+    `compact`: with the 4-layer UNet of compact_unet_config.
 
     Returns (base folder, image encoder folder).
     """
@@ -111,7 +122,7 @@ def make_sd_folder(path, seed: int = 0) -> tuple[str, str]:
         latent_channels=4, norm_num_groups=4, sample_size=16,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet("sd15", seed=seed),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet("compact" if compact else "sd15", seed=seed),
         scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(path / "sd")
