@@ -121,8 +121,9 @@ def make_sd_folder(path, seed: int = 0, compact: bool = False) -> tuple[str, str
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, norm_num_groups=4, sample_size=16,
     )
+    unet = tiny_unet("compact" if compact else "sd15", seed=seed)
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet("compact" if compact else "sd15", seed=seed),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(path / "sd")
