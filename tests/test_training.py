@@ -588,10 +588,19 @@ def test_sdxl_trains_with_two_text_encoders_and_micro_conditioning(world, tmp_pa
     from tiny_models import make_sdxl_folder
 
     base = make_sdxl_folder(tmp_path)
-    final = train(_cfg(world, tmp_path / "run", base=base, max_steps=2, gradient_accumulation=2, batch_size=2),
-                  show_progress=False)
+    # bf16: half-precision text encoders beside the float32 UNet, also in validation (which crashed before)
+    final = train(_cfg(world, tmp_path / "run", base=base, max_steps=2, gradient_accumulation=2, batch_size=2,
+                       mixed_precision="bf16", validate_every=2, validation_images=1, validation_steps=2),
+                  show_progress=False)  # fmt: skip
     adapter = load_adapter(final / "adapter.safetensors")
     assert adapter.config.cross_attention_dim == 32 and adapter.config.num_layers == 22
+    assert (tmp_path / "run" / "validation" / "step-0000002.png").is_file()
+    from ipadapter.training.models import load_frozen_models
+
+    # fp16: SDXL's VAE (force_upcast) stays float32 as in the official SDXL trainer; SD1.5's follows the run
+    sdxl, sd15 = (load_frozen_models(b, world["encoder"], True, torch.float16) for b in (base, world["base"]))
+    assert sdxl.vae.dtype == torch.float32 and sdxl.text_encoders[1].dtype == torch.float16
+    assert sd15.vae.dtype == torch.float16
 
 
 def test_validation_saves_images_and_a_score(world, tmp_path):

@@ -42,11 +42,16 @@ def load_frozen_models(base: str, image_encoder: str, needs_encoder: bool, dtype
     if Path(path).exists() and not (Path(path) / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a diffusers model folder: expected unet/config.json inside it")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(torch.float32))
+    sdxl = (Path(path) / "text_encoder_2").is_dir() or unet.config.addition_embed_type == "text_time"
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
+    if sdxl and vae.config.force_upcast and vae.dtype != torch.float32:
+        # SDXL's VAE overflows in float16; its config says so (force_upcast) and the official SDXL trainer keeps it
+        # in float32 ("vae of sdxl should use fp32"). A fixed VAE (force_upcast false) stays in the run's precision.
+        vae = vae.to(torch.float32)
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     tokenizers = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
     text_encoders: list[nn.Module] = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)]
-    if (Path(path) / "text_encoder_2").is_dir() or unet.config.addition_embed_type == "text_time":
+    if sdxl:
         tokenizers.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
         text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype))
     encoder = None

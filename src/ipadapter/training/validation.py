@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -47,11 +48,16 @@ def validate(trainer, records: list[Record]) -> float | None:
     pipe = build_pipeline(models)
     pipe.set_progress_bar_config(disable=True)
     prompter = ImagePrompter(pipe, adapter, models.image_encoder)
+    # With mixed precision the frozen encoders are half precision and the UNet float32, as in training, where
+    # Accelerate's autocast joins them: generate under the same autocast.
+    dtype = trainer._weight_dtype()
+    amp = torch.autocast(trainer.accelerator.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     generated = []
     for i, reference in enumerate(references):
         g = torch.Generator("cpu").manual_seed(cfg.seed + i)
-        out = prompter(image=reference, prompt="", scale=1.0, num_inference_steps=cfg.validation_steps,
-                       height=cfg.resolution, width=cfg.resolution, generator=g)
+        with amp:
+            out = prompter(image=reference, prompt="", scale=1.0, num_inference_steps=cfg.validation_steps,
+                           height=cfg.resolution, width=cfg.resolution, generator=g)
         generated.append(out.images[0])
     adapter.train()
     score = clip_image_similarity(models.image_encoder, generated, references)
