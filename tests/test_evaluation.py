@@ -63,6 +63,31 @@ def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["pairs"] == 2
 
 
+def test_eval_clip_on_a_single_file_base_with_its_configs_scores_as_the_folder(tmp_path, capsys, monkeypatch):
+    """A community model as one original-layout file: --base-config names its configs (needed offline), as for
+    `generate`; the scores are the folder's (the same weights)."""
+    from ldm_format import save_ldm_checkpoint
+
+    from ipadapter.sources import TINYWORLD_DIR
+
+    folder = str(TINYWORLD_DIR / "sd")
+    single = save_ldm_checkpoint(folder, tmp_path / "model.safetensors")
+    args = ["eval", "clip", "--data", "tinyworld:2:7", "--images-per-pair", "1", "--steps", "2",
+            "--image-encoder", f"{folder}/image_encoder"]  # fmt: skip
+    assert main([*args, "--base", folder, "--out", str(tmp_path / "folder")]) == 0
+    assert main([*args, "--base", str(single), "--base-config", folder, "--out", str(tmp_path / "file")]) == 0
+
+    def scores(name):
+        return json.loads((tmp_path / name / "summary.json").read_text())["clip_i"]
+
+    assert scores("file") == pytest.approx(scores("folder"), abs=1e-3)
+    assert main([*args, "--base", folder, "--base-config", folder, "--out", str(tmp_path / "x")]) == 2
+    assert "--base-config goes with a single-file --base" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([*args, "--base", str(single), "--out", str(tmp_path / "y")]) == 2  # offline: no configs to fetch
+    assert "pass --base-config with the diffusers folder" in capsys.readouterr().err
+
+
 COUNTED_GRAPHS: list = []  # what `_counting_backend` was given
 
 

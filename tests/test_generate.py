@@ -257,6 +257,30 @@ def test_single_file_base_gives_the_folders_pixels(setup, tmp_path):
     assert np.abs(a - b).max() <= 1
 
 
+def test_a_single_files_family_comes_from_its_tensors_or_its_config_not_its_name(tmp_path, monkeypatch):
+    """SDXL fine-tunes are often named without "xl" (e.g. Juggernaut_X_RunDiffusion.safetensors): the pipeline class
+    comes from the checkpoint's own text-encoder keys, or from --base-config's pipeline class; the hint for a missing
+    config names a base of the file's family."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ipadapter.sources import load_pipeline, single_file_is_sdxl
+
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}
+    sdxl, sd15 = tmp_path / "Juggernaut_X_RunDiffusion.safetensors", tmp_path / "dreamshaper_xl_lookalike.safetensors"
+    save_file({**unet, "conditioner.embedders.1.model.ln_final.weight": torch.zeros(8)}, str(sdxl))
+    save_file({**unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(8)}, str(sd15))
+    assert single_file_is_sdxl(sdxl) and not single_file_is_sdxl(sd15)
+    (tmp_path / "xl-config").mkdir()
+    (tmp_path / "xl-config" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    assert single_file_is_sdxl(sd15, str(tmp_path / "xl-config"))  # the user's --base-config decides
+    assert single_file_is_sdxl(tmp_path / "sd_xl_base_1.0.ckpt") and not single_file_is_sdxl(tmp_path / "v1-5.ckpt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"pass --base-config .*\(e.g. stabilityai/stable-diffusion-xl-base-1.0\)"):
+        load_pipeline(str(sdxl))
+
+
 def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_path, capsys, monkeypatch):
     from ldm_format import save_ldm_checkpoint
 
@@ -388,6 +412,7 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         (["--embeds", str(tmp_path / "wide.safetensors"), "--adapter", ip], "holds 64-d pooled features .* reads 40-d"),
         (["--image", ref, "--adapter", str(plus), "--content-text", "a cat", "--content-text-encoder", "x"],
          "--content-text .* global image embeddings only; plus.safetensors \\(plus\\) reads penultimate features"),
+        ([*ok, "--content-text", "a cat"], r"--content-text needs --content-text-encoder: .*\(e.g. laion/CLIP-ViT-H"),
         ([*ok, "--composition-image", ref], "--composition-image needs --preset style_and_composition"),
         (["--image", ref, "--face-id", str(tmp_path / "face.npy"), "--adapter", str(faceid)],
          r"faceid.safetensors \(faceid\) reads face embeddings only, no image: --image would be ignored"),
@@ -438,3 +463,44 @@ def test_several_faces_of_one_person_concatenate_their_tokens_and_outputs_are_ne
     assert main(args) == 0 and main([*args, "--prompt", "second"]) == 0
     first, second = tmp_path / "out" / "000000-000.png", tmp_path / "out" / "000000-000-1.png"
     assert read_parameters(first)["prompt"] == "" and read_parameters(second)["prompt"] == "second"
+
+
+def test_sdxl_content_subtraction_uses_the_bases_own_bigg_text_tower(tmp_path, capsys):
+    """InstantStyle on SDXL bigG adapters subtracts the text's embedding from the pipeline's own text_encoder_2 (its
+    pooled projection, with tokenizer_2): the default without --content-text-encoder, and the same when that tower
+    is named as BASE::text_encoder_2 or BASE/text_encoder_2. A tower of another width is named before generating."""
+    from diffusers import UNet2DConditionModel
+    from tiny_models import make_sdxl_folder, tiny_clip_vision
+
+    from ipadapter.encoders import TextEmbedder
+
+    base = make_sdxl_folder(tmp_path)
+    tiny_clip_vision(image_size=28, projection=32).save_pretrained(tmp_path / "bigg")  # text_encoder_2's width
+    tiny_clip_vision(image_size=28, projection=40).save_pretrained(tmp_path / "vith")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    for name, dim in (("bigg", 32), ("vith", 40)):
+        torch.manual_seed(3)
+        adapter = IPAdapter.for_unet(unet, "base", image_embed_dim=dim)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        adapter.save(tmp_path / f"{name}.safetensors")
+    Image.radial_gradient("L").convert("RGB").save(tmp_path / "ref.png")
+    common = ["generate", "--image", str(tmp_path / "ref.png"), "--base", base, "--steps", "2", "--seed", "1",
+              "--width", "16", "--height", "16", "--adapter", str(tmp_path / "bigg.safetensors"),
+              "--image-encoder", str(tmp_path / "bigg")]  # fmt: skip
+    runs = {"plain": [], "default": ["--content-text", "a cat", "--content-scale", "2"],
+            "named": ["--content-text", "a cat", "--content-scale", "2", "--content-text-encoder", f"{base}::text_encoder_2"],
+            "folder": ["--content-text", "a cat", "--content-scale", "2", "--content-text-encoder", f"{base}/text_encoder_2"]}  # fmt: skip
+    pixels = {}
+    for name, extra in runs.items():
+        assert main([*common, *extra, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+        pixels[name] = np.asarray(Image.open(tmp_path / name / "000001-000.png")).astype(int)
+    assert np.array_equal(pixels["default"], pixels["named"]) and np.array_equal(pixels["default"], pixels["folder"])
+    assert not np.array_equal(pixels["default"], pixels["plain"])
+    embedder = TextEmbedder.from_pretrained(f"{base}::text_encoder_2")
+    assert embedder.tokenizer.get_vocab() == TextEmbedder.from_pretrained(f"{base}/text_encoder_2").tokenizer.get_vocab()
+    assert len(embedder.tokenizer) > 100  # SDXL's tokenizer_2, not a tokenizer improvised from text_encoder_2/
+    vith = [a.replace("bigg", "vith") for a in common]
+    assert main([*vith, *runs["default"], "--out", str(tmp_path / "vith-out")]) == 2
+    assert "text tower's embeddings are 32-d and this adapter's image embeddings 40-d" in capsys.readouterr().err

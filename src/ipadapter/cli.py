@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="mask image: the image prompt acts only where it is white")
     p.add_argument("--content-text", help="InstantStyle: remove this text's meaning from the reference (base adapters)")
     p.add_argument("--content-scale", type=float, help="weight of --content-text (default: 1.0)")
-    p.add_argument("--content-text-encoder", help="text tower paired with the image encoder (default: the tiny world's)")
+    p.add_argument("--content-text-encoder", help="text tower paired with the image encoder (default: the tiny "
+                   "world's pair, or an SDXL base's text_encoder_2)")
     p.add_argument("--start", type=float, help="image prompt active from this fraction of the steps (0)")
     p.add_argument("--end", type=float, help="image prompt active up to this fraction of the steps (1)")
     p.add_argument("--face-id", help="FaceID: .npy / .safetensors file with 512-d ArcFace embeddings")
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="pairs: JSON list, JSONL, folder with .txt captions, or tinyworld:N:SEED (default)")
     e.add_argument("--image-root", help="folder the JSON's image_file entries are relative to")
     e.add_argument("--base", help="diffusers folder, single file or hub id (default: tinyworld)")
+    e.add_argument("--base-config", help="with a single-file --base: the diffusers folder or hub id of its configs")
     e.add_argument("--adapter", help="IP-Adapter file (default: tinyworld-base)")
     e.add_argument("--image-encoder", help="the adapter's image encoder (default: the base's image_encoder/)")
     e.add_argument("--clip", help="scoring CLIP with both towers, e.g. openai/clip-vit-large-patch14 (default: tinyworld)")

@@ -181,7 +181,16 @@ class TextEmbedder(nn.Module):
             name_or_path = TINYWORLD_DIR / "image_text_encoder"
         name_or_path, sub = model_source(name_or_path, subfolder, "text encoder")
         model = CLIPTextModelWithProjection.from_pretrained(str(name_or_path), dtype=torch.float32, **sub).to(device)
-        return cls(model, CLIPTokenizer.from_pretrained(str(name_or_path), **sub))
+        tokenizer_at, tokenizer_sub = str(name_or_path), sub
+        # a pipeline's text_encoder(_2) (SDXL's text_encoder_2: the bigG adapters' pair) has its tokenizer beside it
+        head, _, leaf = sub.get("subfolder", "").rstrip("/").rpartition("/")
+        if leaf.startswith("text_encoder"):
+            tokenizer_sub = {"subfolder": f"{head}/" * bool(head) + leaf.replace("text_encoder", "tokenizer", 1)}
+        elif not sub and Path(name_or_path).name.startswith("text_encoder"):
+            sibling = Path(name_or_path).parent / Path(name_or_path).name.replace("text_encoder", "tokenizer", 1)
+            if sibling.is_dir() and not any((Path(name_or_path) / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+                tokenizer_at = str(sibling)
+        return cls(model, CLIPTokenizer.from_pretrained(tokenizer_at, **tokenizer_sub))
 
     @torch.no_grad()
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:

@@ -154,9 +154,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise FileNotFoundError(f"{cfg.controlnet} is not a diffusers ControlNet folder: config.json missing")
     if cfg.inpaint_mask and not cfg.init_image:
         raise ValueError("--inpaint-mask needs --init-image (the image to repaint)")
-    if cfg.content_text and not cfg.content_text_encoder and cfg.base != "tinyworld":
-        raise ValueError("--content-text needs --content-text-encoder: the text tower paired with the image encoder "
-                         "(e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD1.5 ViT-H adapters)")  # fmt: skip
+    if cfg.content_text and not cfg.content_text_encoder and base_family(cfg) == "sd":
+        raise ValueError(CONTENT_ENCODER_NEEDED)
     if not 0 <= cfg.negative_noise <= 1:
         raise ValueError(f"--negative-noise must be in [0, 1], found {cfg.negative_noise}")
     if cfg.negative_images and cfg.negative_noise > 0:
@@ -209,6 +208,31 @@ def check_denoising(steps: int, strength: float) -> None:
     if int(steps * strength) < 1:
         raise ValueError(f"--steps {steps} with --strength {strength} leaves int({steps} x {strength}) = 0 denoising "
                          f"steps; expected at least 1: raise --steps to {math.ceil(1 / strength)} or --strength")  # fmt: skip
+
+
+CONTENT_ENCODER_NEEDED = (
+    "--content-text needs --content-text-encoder: the text tower paired with the image encoder (e.g. "
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for SD1.5 ViT-H adapters; an SDXL base's own text_encoder_2 is the "
+    "default for its bigG adapters)"
+)
+
+
+def base_family(cfg: GenerateConfig) -> str:
+    """"tinyworld", "sd" or "sdxl" for a base on disk (its pipeline class or a single file's tensors), else
+    "unknown" (a hub id, or a base that the other checks will name)."""
+    from .sources import resolve_base, single_file_is_sdxl
+
+    if cfg.base == "tinyworld":
+        return "tinyworld"
+    base = Path(resolve_base(cfg.base))
+    try:
+        if base.is_dir() and (base / "model_index.json").is_file():
+            return "sdxl" if "XL" in read_config(base / "model_index.json").get("_class_name", "") else "sd"
+        if base.is_file():
+            return "sdxl" if single_file_is_sdxl(base, cfg.base_config) else "sd"
+    except Exception:  # an unreadable file: check_models names it
+        return "unknown"
+    return "unknown"
 
 
 def unet_config(cfg: GenerateConfig) -> dict | None:
@@ -430,7 +454,17 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if cfg.content_text:
         from .encoders import TextEmbedder
 
-        content = TextEmbedder.from_pretrained(cfg.content_text_encoder or "tinyworld").encode(cfg.content_text)
+        if cfg.content_text_encoder or cfg.base == "tinyworld":
+            embedder = TextEmbedder.from_pretrained(cfg.content_text_encoder or "tinyworld")
+        elif getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: its bigG text tower, the bigG adapters' pair
+            embedder = TextEmbedder(pipe.text_encoder_2, pipe.tokenizer_2)
+        else:
+            raise ValueError(CONTENT_ENCODER_NEEDED)
+        content = embedder.encode(cfg.content_text)
+        if content.shape[-1] != adapter.config.image_embed_dim:
+            raise ValueError(f"--content-text: the text tower's embeddings are {content.shape[-1]}-d and this adapter's "
+                             f"image embeddings {adapter.config.image_embed_dim}-d ({adapter.config.image_encoder_name}); "
+                             "pass --content-text-encoder with the text tower paired with that image encoder")  # fmt: skip
     prompt = ImagePrompt(
         image=references or None, scale=cfg.scale, preset=cfg.preset or None, composition_scale=cfg.composition_scale,
         boost=cfg.boost, scaling=cfg.scaling,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,6 +100,22 @@ def diffusers_dtype(dtype: torch.dtype) -> dict:
     return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") or major >= 1 else "torch_dtype": dtype}
 
 
+def single_file_is_sdxl(path: Path, config: str = "") -> bool:
+    """Whether a single-file checkpoint is an SDXL one: from its config folder's pipeline class when one is given
+    and local, else from its tensors (SDXL's two text encoders sit under `conditioner.embedders.*`, SD1.5's under
+    `cond_stage_model.*`; only a safetensors header is read); a .ckpt without a config: from its name, as
+    nothing can be read from a pickle without loading all of it."""
+    model_index = Path(config) / "model_index.json" if config else None
+    if model_index is not None and model_index.is_file():
+        return "XL" in json.loads(model_index.read_text()).get("_class_name", "")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.") for k in f.keys())
+    return "xl" in path.name.lower()
+
+
 def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   kind: str = "text2image", controlnet=None, config: str = "", **kwargs):
     """A diffusers Stable Diffusion / SDXL pipeline from a folder, a single .safetensors/.ckpt file or a hub id.
@@ -126,17 +143,18 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
     if p.is_file():
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        single = StableDiffusionXLPipeline if "xl" in p.name.lower() else StableDiffusionPipeline
+        single = StableDiffusionXLPipeline if single_file_is_sdxl(p, config) else StableDiffusionPipeline
         extra_single = {"config": config} if config else {}
         try:
             pipe = single.from_single_file(str(p), **diffusers_dtype(dtype), **extra_single, **kwargs)
         except (OSError, ValueError) as error:
             if config:
                 raise
+            example = ("stabilityai/stable-diffusion-xl-base-1.0" if single is StableDiffusionXLPipeline
+                       else "stable-diffusion-v1-5/stable-diffusion-v1-5")  # fmt: skip
             raise ValueError(
                 f"{p}: diffusers could not get the configs this single file needs ({error}); pass --base-config with "
-                "the diffusers folder or hub id it follows (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), which "
-                "must be local when offline"
+                f"the diffusers folder or hub id it follows (e.g. {example}), which must be local when offline"
             ) from error
         pipe = classes[kind].from_pipe(pipe, **extra)
     else:

@@ -29,6 +29,7 @@ class ClipEvalConfig:
     data: str = "tinyworld:200:4242"  # pairs: JSON list / JSONL / folder with .txt captions / tinyworld:N:SEED
     image_root: str = ""  # folder the JSON's image_file entries are relative to (default: the JSON's folder)
     base: str = "tinyworld"  # diffusers folder, single file, hub id, or tinyworld
+    base_config: str = ""  # with a single-file base: the diffusers folder or hub id of its configs
     adapter: str = "tinyworld-base"  # IP-Adapter file or tinyworld-base / tinyworld-plus
     image_encoder: str = ""  # the adapter's image encoder (default: the base's image_encoder/)
     clip: str = "tinyworld"  # the scoring CLIP (both towers): folder or hub id, e.g. openai/clip-vit-large-patch14
@@ -67,12 +68,14 @@ class ClipEvalConfig:
 
     def check_files(self) -> None:
         """The adapter, base and output folder, before any model work (errors name what was expected and found)."""
-        from ..sources import check_base, resolve_adapter
+        from ..sources import check_base, resolve_adapter, resolve_base
 
         adapter = resolve_adapter(self.adapter)
         if not Path(adapter).is_file():
             raise FileNotFoundError(f"adapter not found: {adapter}")
         check_base(self.base)
+        if self.base_config and not Path(resolve_base(self.base)).is_file():
+            raise ValueError(f"--base-config goes with a single-file --base; {self.base} is not a file")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a file; expected a folder (it receives results and the summary)")
 
@@ -211,7 +214,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     mine = [i for i in range(len(records)) if i % state.num_processes == state.process_index and i not in done]
     if mine:
         dtype = parse_dtype(cfg.dtype)
-        pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device)
+        pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, config=cfg.base_config)
         pipe.set_progress_bar_config(disable=True)
         adapter = IPAdapter.from_file(adapter_path, dtype=dtype, unet=pipe.unet)
         encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)
