@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The real-scale checks that need a GPU, in two parts that each fit one device command (10 minutes) and leave room in
-# a 15-minute device budget for one rerun:
+# The real-scale checks that need a GPU, in three parts, each one device command (10 minutes at most). A session's
+# 15 minutes of device time (the machine's start included) hold the first two (about 10 minutes); the third, or a
+# rerun of one, only if time is left:
 #
 #   bash benchmarks/gpu_checks.sh train      # issue 4: samples/s at real SD1.5 + ViT-H size, 512 px, bf16 (~6 min)
 #   bash benchmarks/gpu_checks.sh inference  # issue 5: seconds per denoising step, fp16, SD1.5 at 512 (~4 min)
@@ -79,9 +80,11 @@ case $part in
                 [ $run = resumed ] && resume=(--resume "$runs/$mp-straight/checkpoint-$middle")
                 $py -m accelerate.commands.launch --config_file examples/accelerate/deepspeed_zero2.yaml \
                     --num_processes 1 -m ipadapter.train "${deepspeed[@]}" --mixed-precision "$mp" \
-                    --output "$runs/$mp-$run" "${resume[@]}" 2>&1 | tail -3
+                    --output "$runs/$mp-$run" "${resume[@]}" > "$out/$mp-$run.log" 2>&1
+                tail -3 "$out/$mp-$run.log"
             done
-            $py -m ipadapter.train "${deepspeed[@]}" --mixed-precision "$mp" --output "$runs/$mp-plain" 2>&1 | tail -1
+            $py -m ipadapter.train "${deepspeed[@]}" --mixed-precision "$mp" --output "$runs/$mp-plain" > "$out/$mp-plain.log" 2>&1
+            tail -1 "$out/$mp-plain.log"
         done
         $py benchmarks/gpu_checks_compare.py "$runs" "${precisions[@]}" 2>&1 | tee "$out/deepspeed.txt"
         ;;

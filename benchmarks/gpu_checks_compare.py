@@ -17,7 +17,12 @@ from ipadapter.training.checkpointing import list_checkpoints, load_training_sta
 def main() -> None:
     runs = Path(sys.argv[1])
     for mp in sys.argv[2:]:
-        final = {run: list_checkpoints(runs / f"{mp}-{run}")[-1] for run in ("straight", "resumed", "plain")}
+        found = {run: list_checkpoints(runs / f"{mp}-{run}") for run in ("straight", "resumed", "plain")}
+        missing = [run for run, checkpoints in found.items() if not checkpoints]
+        if missing:  # that launch failed: its log is in the script's output folder; the other precisions still count
+            print(f"{mp}: no checkpoint from the {', '.join(missing)} run(s); see {mp}-<run>.log")
+            continue
+        final = {run: checkpoints[-1] for run, checkpoints in found.items()}
         weights = {run: load_file(str(c / "adapter.safetensors")) for run, c in final.items()}
 
         def diff(a: str, b: str) -> float:

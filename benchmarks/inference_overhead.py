@@ -181,7 +181,7 @@ def percents(times: dict[str, list[float]], key: str) -> list[float]:
 
 def overhead(times: dict[str, list[float]], key: str) -> str:
     """Median over rounds of (key / plain - 1), with the interquartile range: '+1.2% [+0.8, +1.6]'."""
-    q1, q2, q3 = statistics.quantiles(percents(times, key), n=4)
+    q1, q2, q3 = statistics.quantiles(percents(times, key), n=4, method="inclusive")  # within the rounds
     return f"{q2:+.1f}% [{q1:+.1f}, {q3:+.1f}]"
 
 
