@@ -29,18 +29,19 @@ BENCHMARKS: dict[str, tuple[list[str], list[str], str]] = {
         "and below diffusers')",
     ),
     "train_throughput": (
-        ["--samples", "256", "--batch-size", "16", "--steps", "30"],
+        ["--samples", "256", "--batch-size", "16", "--steps", "30", "--rounds", "3"],
         ["--samples", "64", "--batch-size", "16", "--steps", "8"],
         "training samples/s on the tiny world: our trainer with the embedding cache vs a tutorial_train.py-style loop",
     ),
     "train_throughput_sd15": (
-        ["--proportions", "sd15", "--resolution", "256", "--samples", "16", "--batch-size", "2", "--steps", "16"],
+        ["--proportions", "sd15", "--resolution", "256", "--samples", "16", "--batch-size", "2", "--steps", "16",
+         "--rounds", "2"],
         ["--proportions", "sd15", "--resolution", "256", "--samples", "8", "--batch-size", "2", "--steps", "3"],
         "the same at SD1.5 + ViT-H proportions (real depths, half widths, random weights)",
     ),
     "train_throughput_sd15_bf16": (
         ["--proportions", "sd15", "--resolution", "256", "--samples", "16", "--batch-size", "2", "--steps", "16",
-         "--mixed-precision", "bf16"],
+         "--mixed-precision", "bf16", "--rounds", "2"],
         ["--proportions", "sd15", "--resolution", "256", "--samples", "8", "--batch-size", "2", "--steps", "3",
          "--mixed-precision", "bf16"],
         "the same in bf16 (both loops: frozen models in bf16, the official-style UNet float32 under autocast as in "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import statistics
 import sys
 import tempfile
 import time
@@ -188,7 +189,12 @@ def main() -> None:
     parser.add_argument("--row", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE...]",
                         help="also time our trainer with these TrainConfig fields changed, e.g. channels_last=true "
                         "or compile=inductor,channels_last=true (repeatable)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="measure every loop this many times, alternating "
+                        "which loop goes first, and report medians and each round's ratio (a busy machine's "
+                        "drift then falls on both sides)")  # fmt: skip
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, found {args.rounds}")
     rows = ([{"compile": args.compile}] if args.compile else []) + [parse_row(spec) for spec in args.row]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate puts our trainer
     if args.threads:
@@ -205,14 +211,28 @@ def main() -> None:
                           batch_size=args.batch_size, max_steps=args.steps + 2, save_every=10**9,
                           cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1,
                           mixed_precision=args.mixed_precision, num_workers=args.workers)  # fmt: skip
-        baseline = official_style(cfg, args.steps, device)
-        cached, cache_seconds, _ = ours(cfg)
-        timed = []  # (label, samples/s, seconds of the two warm-up steps, fields)
-        for i, fields in enumerate(rows):
-            row_cfg = dataclasses.replace(cfg, **fields, output=str(Path(tmp) / f"run-{i}"),
-                                          cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
-            rate, _, warmup = ours(row_cfg)
-            timed.append((row_label(fields), rate, warmup, fields))
+        baselines, caches, rates, warmups = [], [], [[] for _ in rows], [[] for _ in rows]
+        for r in range(args.rounds):
+            # round 0 builds the cache in run/cache (its set-up time is reported); later rounds read it
+            ours_cfg = cfg if r == 0 else dataclasses.replace(cfg, output=str(Path(tmp) / f"run-r{r}"),
+                                                              cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
+            if r % 2 == 0:
+                baselines.append(official_style(cfg, args.steps, device))
+                caches.append(ours(ours_cfg)[:2])
+            else:
+                caches.append(ours(ours_cfg)[:2])
+                baselines.append(official_style(cfg, args.steps, device))
+            for i, fields in enumerate(rows):
+                row_cfg = dataclasses.replace(cfg, **fields, output=str(Path(tmp) / f"run-{i}-r{r}"),
+                                              cache_dir=str(Path(tmp) / "run" / "cache"))  # fmt: skip
+                rate, _, warmup = ours(row_cfg)
+                rates[i].append(rate)
+                warmups[i].append(warmup)
+        baseline = statistics.median(baselines)
+        cached, cache_seconds = statistics.median(rate for rate, _ in caches), caches[0][1]
+        round_ratios = [c / b for (c, _), b in zip(caches, baselines)]
+        timed = [(row_label(fields), statistics.median(rates[i]), warmups[i][0], fields)
+                 for i, fields in enumerate(rows)]  # (label, samples/s, seconds of the first two warm-up steps, fields)
         flops = flops_per_sample(cfg)
     model = f"SD1.5 + ViT-H proportions (widths x{args.width:g})" if args.proportions else args.base
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
@@ -226,6 +246,9 @@ def main() -> None:
         print(f"{label:<{width}}{rate:>10.2f}")
     print(f"ratio (ours / official-style): {cached / baseline:.2f}x   (our set-up, models loaded and the cache built "
           f"once: {cache_seconds:.1f} s)")
+    if args.rounds > 1:
+        print(f"samples/s above: medians of {args.rounds} rounds; each round's ratio: "
+              + ", ".join(f"{r:.2f}x" for r in round_ratios) + f" (median {statistics.median(round_ratios):.2f}x)")
     if flops is not None:
         cached_flops = flops["UNet + adapter step"]
         print("GFLOPs per sample (counted, not timed): " + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in flops.items())
