@@ -75,6 +75,19 @@ def test_convert_never_writes_what_would_read_back_as_another_adapter(tmp_path, 
     before = ours.read_bytes()
     assert main(["convert", str(ours), str(ours), "--to", "ipadapter"]) == 2
     assert "is the input file" in capsys.readouterr().err and ours.read_bytes() == before
+    # another existing file is the user's: kept unless --force; a folder or a path under a file is named
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("mine")
+    assert main(["convert", str(ours), str(notes), "--to", "ipadapter"]) == 2
+    assert "notes.safetensors exists; it is not replaced without --force" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    assert main(["convert", str(ours), str(notes), "--to", "ipadapter", "--force"]) == 0
+    assert load_adapter(notes).config.shortcut
+    (tmp_path / "d.safetensors").mkdir()
+    assert main(["convert", str(ours), str(tmp_path / "d.safetensors"), "--to", "ipadapter"]) == 2
+    assert "is a folder; expected a file name" in capsys.readouterr().err
+    assert main(["convert", str(ours), str(notes / "x.safetensors"), "--to", "ipadapter"]) == 2
+    assert "notes.safetensors is a file, not a folder" in capsys.readouterr().err
 
 
 def test_inspect_counts_the_adapter_of_a_trainer_state_not_its_unet(tmp_path, capsys):

@@ -61,6 +61,12 @@ def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "holds results of another evaluation (scale: 1.0 there, 0.5 now)" in capsys.readouterr().err
     assert main([*args, "--limit", "2"]) == 0  # a shorter run over the same pairs summarises its own pairs only
     assert json.loads((out / "summary.json").read_text())["pairs"] == 2
+    mine = tmp_path / "notes"  # a folder of the user's: its summary.md would be replaced
+    mine.mkdir()
+    (mine / "summary.md").write_text("my notes")
+    assert main([*args[:-1], str(mine)]) == 2
+    assert "holds other files (summary.md); expected a new or empty folder" in capsys.readouterr().err
+    assert (mine / "summary.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["summary.md"]
 
 
 def test_eval_clip_on_a_single_file_base_with_its_configs_scores_as_the_folder(tmp_path, capsys, monkeypatch):

@@ -419,6 +419,8 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         (["--face-image", ref, "--adapter", str(plus)], "need a FaceID adapter"),
         (["--face-id", str(tmp_path / "face.npy"), "--adapter", ip], "need a FaceID adapter"),
         ([*ok, "--save-embeds", str(tmp_path / "folder")], "--save-embeds .*folder is a folder; expected a .safetensors"),
+        ([*ok, "--save-embeds", ref], r"--save-embeds .*ref.png exists; it is not replaced"),  # the reference itself
+        ([*ok, "--save-embeds", str(tmp_path / "e.pt")], r"expected a name ending in .safetensors, found .*e.pt"),
         ([*ok, "--device", "gpu9"], "unknown --device 'gpu9'"),
         ([*ok, "--init-image", ref, "--steps", "4", "--strength", "0.2"], r"int\(4 x 0.2\) = 0 denoising steps"),
         ([*ok, "--strength", "0.5"], "--strength acts only with --init-image"),

@@ -37,6 +37,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if target.exists() and source.exists() and os.path.samefile(source, target):
         raise ValueError(f"the output {target} is the input file: converting onto it would replace the original; "
                          "write another file")  # fmt: skip
+    if target.is_dir():
+        raise ValueError(f"the output {target} is a folder; expected a file name to write")
+    if target.exists() and not args.force:
+        raise ValueError(f"the output {target} exists; it is not replaced without --force")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"the output {target} cannot be written: {blocking} is a file, not a folder")
     adapter = load_adapter(source)
     target.parent.mkdir(parents=True, exist_ok=True)
     # written beside the target, read back and compared, then renamed into place: what a reader will find in the
@@ -192,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="checkpoint to read (any supported layout, incl. the official trainer's state)")
     p.add_argument("output", help="file to write (.safetensors; .bin also allowed for --to official)")
     p.add_argument("--to", choices=["official", "ipadapter"], required=True, help="layout to write")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (refused without it)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate images from reference image(s) and an optional text prompt")

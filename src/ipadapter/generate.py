@@ -180,6 +180,11 @@ def check_inputs(cfg: GenerateConfig) -> None:
             raise ValueError("--save-embeds writes the features of --image references; with --embeds they are saved already")
         if Path(cfg.save_embeds).is_dir():
             raise ValueError(f"--save-embeds {cfg.save_embeds} is a folder; expected a .safetensors file to write")
+        if Path(cfg.save_embeds).suffix.lower() != ".safetensors":
+            raise ValueError(f"--save-embeds writes safetensors; expected a name ending in .safetensors, found "
+                             f"{cfg.save_embeds}")  # fmt: skip
+        if Path(cfg.save_embeds).exists():
+            raise ValueError(f"--save-embeds {cfg.save_embeds} exists; it is not replaced (remove it or name a new file)")
     check_device(cfg.device)
     if cfg.init_image and cfg.steps is not None:
         check_denoising(cfg.steps, cfg.strength)
