@@ -103,6 +103,12 @@ def test_resume_refuses_what_does_not_fit_and_names_the_checkpoint_to_use(world,
         train(_cfg(world, tmp_path / "run", resume="latest"), show_progress=False)
     final = train(_cfg(world, tmp_path / "run", resume=str(first)), show_progress=False)
     assert final.name == "checkpoint-4"
+    # another run's checkpoint into this run's folder would prune its checkpoints (--keep-last): refused
+    other = train(_cfg(world, tmp_path / "other", max_steps=1, save_every=1), show_progress=False)
+    held = list_checkpoints(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"is another run's checkpoint and --output .*run holds this run's checkpoints"):
+        train(_cfg(world, tmp_path / "run", resume=str(other), max_steps=3), show_progress=False)
+    assert list_checkpoints(tmp_path / "run") == held
     from ipadapter.training.checkpointing import check_resumable
 
     check_resumable(first, {"variant": "base"})
@@ -400,8 +406,14 @@ def test_a_resumed_cache_build_keeps_only_full_shards_of_its_settings(tmp_path, 
     (tmp_path / "shard-x.safetensors").write_bytes(b"")
     assert cache_module.finished_shards(tmp_path, expected) == ["0", "2", "3", "4"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    assert cache_module.finished_shards(tmp_path, {"data": "b"}) == []  # other settings: nothing is kept
-    assert list(tmp_path.iterdir()) == []
+    # an unfinished cache of other settings (another run sharing --cache-dir) is refused as a finished one is, and kept
+    with pytest.raises(ValueError, match=r"holds an unfinished embedding cache of other settings \(cached, wanted\): "
+                                         r"\{'data': \('a', 'b'\)\}; use another --cache-dir"):  # fmt: skip
+        cache_module.finished_shards(tmp_path, {"data": "b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    (tmp_path / "index.json").write_text(json.dumps({"count": 3}))  # a folder of something else
+    with pytest.raises(ValueError, match=r"index.json is not an embedding cache's index \(expected fingerprint"):
+        cache_module.EmbeddingCache(tmp_path, expected)
 
 
 def test_fine_tune_from_an_official_checkpoint(world, tmp_path):

@@ -69,7 +69,13 @@ class EmbeddingCache(Dataset):
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"no embedding cache in {self.folder} (index.json missing)")
-        index = json.loads(index_path.read_text())
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as error:
+            raise ValueError(f"{index_path} is not an embedding cache's index (unreadable JSON: {error})") from error
+        if not isinstance(index, dict) or not {"fingerprint", "count", "keys"} <= set(index):
+            raise ValueError(f"{index_path} is not an embedding cache's index (expected fingerprint, count and keys); "
+                             "use another --cache-dir")  # fmt: skip
         if index["fingerprint"] != expected:
             diff = {k: (index["fingerprint"].get(k), v) for k, v in expected.items() if index["fingerprint"].get(k) != v}
             raise ValueError(f"the embedding cache in {self.folder} was built for other settings (cached, wanted): {diff}")
@@ -110,7 +116,13 @@ def finished_shards(folder: Path, expected: dict) -> list[str]:
             shard_keys = json.loads(meta.get("keys", "[]"))
         except Exception:  # unreadable: written again
             break
-        if meta.get("fingerprint") != wanted or len(shard_keys) != SHARD:  # other settings, or the short last shard
+        if meta.get("fingerprint") != wanted and meta.get("fingerprint"):
+            # an unfinished cache of other settings (another run sharing --cache-dir): not ours to delete
+            theirs = json.loads(meta["fingerprint"])
+            diff = {k: (theirs.get(k), v) for k, v in expected.items() if theirs.get(k) != v}
+            raise ValueError(f"{folder} holds an unfinished embedding cache of other settings (cached, wanted): "
+                             f"{diff}; use another --cache-dir (or delete that one to rebuild it)")  # fmt: skip
+        if len(shard_keys) != SHARD:  # the short last shard: written again
             break
         keys += shard_keys
         n += 1

@@ -172,6 +172,16 @@ class Trainer:
             raise ValueError(
                 f"{self.output} already holds checkpoints; pass --resume latest to continue, or a new --output"
             )
+        held = list_checkpoints(self.output)
+        if self.resume_from is not None and held and self.resume_from.resolve().parent != self.output.resolve():
+            # --keep-last would prune this folder's checkpoints and its train_config.json would be replaced
+            raise ValueError(
+                f"--resume {self.resume_from} is another run's checkpoint and --output {self.output} holds this "
+                f"run's checkpoints (up to {held[-1].name}); continue it in a new --output, or resume one of "
+                f"{self.output}'s own checkpoints"
+            )
+        if cfg.resume == "latest" and self.resume_from is None and acc.is_main_process:
+            print(f"--resume latest: {self.output} holds no checkpoint yet; starting at step 0", file=sys.stderr)
         sharded.check_fsdp(acc.distributed_type, acc.num_processes)
         if self.deepspeed:  # its config checked and completed before any model work
             sharded.configure(acc, cfg.batch_size, cfg.gradient_accumulation, cfg.max_grad_norm)
