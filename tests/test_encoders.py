@@ -45,6 +45,27 @@ def test_missing_encoder_folder_and_bad_images(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="cannot read .*broken.png as an image"):
         load_image(tmp_path / "broken.png")
+    with pytest.raises(ValueError, match="is a folder; expected an image file"):
+        load_image(tmp_path)
+    Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png")  # a few KB decoding to 400M pixels (PIL's limit: 179M)
+    with pytest.raises(ValueError, match="bomb.png is too large to decode safely"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_16_bit_and_float_images_keep_their_range(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255 (a 16-bit ramp turns white) and reads [0, 1] floats as black:
+    references, masks and PIL images given in Python are scaled over their range instead."""
+    import numpy as np
+
+    from ipadapter.prompter import load_mask
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    assert Image.open(tmp_path / "ramp16.png").mode.startswith("I")
+    loaded = np.asarray(load_image(tmp_path / "ramp16.png"))[..., 0].astype(int)
+    assert np.abs(loaded - np.rint(ramp / 65535 * 255)).max() <= 1 and len(np.unique(loaded)) == 256
+    floats = Image.fromarray((ramp / 65535).astype(np.float32))  # mode "F" in [0, 1]
+    assert np.abs(load_mask(floats).numpy() - ramp / 65535).max() <= 1 / 255
 
 
 def test_encoder_width_is_checked_against_the_adapter():

@@ -34,7 +34,7 @@ from .adapter import IPAdapter
 from .blocks import PRECISE, layer_weights, precise_weights
 from .combine import combine_features, concat_tokens
 from .encoders import ImageEncoder, check_encoder
-from .images import load_image
+from .images import load_image, to_8bit
 from .noise import noised_reference
 from .references import prepare
 from .state import TokenGroup, check_window
@@ -104,12 +104,19 @@ def references_per_prompt(images, n_prompts: int, feature_ndim: int = 1) -> list
     )
 
 
+def _scaled(image):
+    """16-bit / float PIL images as 8-bit RGB over their range (PIL's conversion clips them); anything else as is."""
+    if isinstance(image, Image.Image) and to_8bit(image) is not image:
+        return to_8bit(image).convert("RGB")
+    return image
+
+
 def load_mask(mask: MaskInput) -> torch.Tensor:
     """A mask image / array / tensor -> (H, W) float in [0, 1] (white = the image prompt acts)."""
     if isinstance(mask, (str, Path)):
         mask = load_image(mask)
     if isinstance(mask, Image.Image):
-        return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+        return torch.from_numpy(np.asarray(to_8bit(mask).convert("L"), dtype=np.float32) / 255.0)  # 16-bit: scaled
     tensor = torch.as_tensor(mask, dtype=torch.float32)
     if tensor.ndim == 3 and tensor.shape[0] == 1:
         tensor = tensor[0]
@@ -214,7 +221,7 @@ class ImagePrompter:
         mask (black hides), prepared like the reference (ComfyUI's encoder mask)."""
         adapter, encoder = self.adapters[slot], self.encoders[slot]
         feature = adapter.config.image_feature
-        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in images]
+        loaded = [load_image(x) if isinstance(x, (str, Path)) else _scaled(x) for x in images]
         if all(isinstance(x, torch.Tensor) for x in loaded):
             if masks is not None:
                 raise ValueError("image_mask hides pixels of reference images; precomputed features have none")

@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from ..images import to_8bit
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -256,7 +258,7 @@ def open_image(record: Record) -> Image.Image | None:
         source = io.BytesIO(record.image_bytes) if record.image_bytes else record.image_path
         with Image.open(source) as image:
             image.load()
-            return image.convert("RGB")
+            return to_8bit(image).convert("RGB")  # 16-bit / float images over their range (PIL's convert clips)
     except IMAGE_ERRORS:
         return None
 
