@@ -710,6 +710,19 @@ def test_bad_settings_are_clear_errors(world, tmp_path):
         train(_cfg(world, tmp_path / "file"), show_progress=False)
     with pytest.raises(FileNotFoundError, match="--base .*nowhere not found"):
         train(_cfg(world, tmp_path / "run4", base=str(tmp_path / "nowhere")), show_progress=False)
+    # numbers that would train nothing or fail later (after the models load, or hours in)
+    for fields, message in (({"learning_rate": float("inf")}, "learning_rate must be a finite number, found inf"),
+                            ({"noise_offset": float("nan")}, "noise_offset must be a finite number, found nan"),
+                            ({"learning_rate": 1e38}, "learning_rate must be > 0 .*found 1e"),
+                            ({"adam_beta1": 1.5}, r"adam_beta1 must be in \[0, 1\), found 1.5"),
+                            ({"seed": 2**64}, r"seed must be within \[-2\*\*63, 2\*\*64\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**fields)
+    from ipadapter.training.loop import epoch_batches, step_generator
+
+    huge = 2**64 - 1  # any seed torch takes gives a generator (the arithmetic on it overflowed before)
+    assert torch.equal(torch.rand(2, generator=step_generator(-1, 3, 0)), torch.rand(2, generator=step_generator(huge, 3, 0)))
+    assert sorted(i for b in epoch_batches(8, huge, 5, 0, 2, 1, 0) for i in b) == list(range(8))
 
 
 def test_tensorboard_gets_loss_and_throughput_when_installed(world, tmp_path):

@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ("--eval-n", args.eval_n), ("--threads", args.threads)) if v < 1}  # fmt: skip
     if bad:
         parser.error(f"expected values >= 1, found {bad}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a positive finite number, found {args.lr}")
     if args.eval_seed == args.seed:
         parser.error(f"--eval-seed must differ from --seed so accuracy is held out; both are {args.seed}")
     if Path(args.out).is_dir() or not Path(args.out).parent.is_dir():

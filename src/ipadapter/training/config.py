@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        for f in dataclasses.fields(self):  # inf / nan would train nothing or fail hours later
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, found {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), found {getattr(self, name)}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be within [-2**63, 2**64), found {self.seed}")
         for name in ("drop_image", "drop_text", "drop_both"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a probability: expected a value in [0, 1], found {getattr(self, name)}")
@@ -82,8 +92,8 @@ class TrainConfig:
             from ..compiling import check_backend
 
             check_backend(self.compile)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, found {self.learning_rate}")
+        if not 0 < self.learning_rate < 1e30:
+            raise ValueError(f"learning_rate must be > 0 (and a usable step size), found {self.learning_rate}")
 
     def _check_types(self) -> None:
         """Each field has its declared type (a --config JSON may say "8" or "false"): ints may stand for floats,

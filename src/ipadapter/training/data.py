@@ -200,7 +200,7 @@ def iter_webdataset(data: str, seed: int | None = None, epoch: int = 0) -> Itera
     shard is an error before any record (a wrong pattern)."""
     shards = list_shards(data)
     if seed is not None:
-        order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+        order = torch.randperm(len(shards), generator=torch.Generator().manual_seed((seed + 7919 * epoch) % 2**64)).tolist()
         shards = [shards[i] for i in order]
     for shard in shards:
         group: dict[str, bytes] = {}

@@ -77,12 +77,13 @@ class AdapterTrainingModule(nn.Module):
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """The generator for one optimizer step on one process (stateless, hence exactly resumable)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+    # mod 2**64: what manual_seed does to the values it accepts (negatives wrap), for any seed
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) % 2**64)
 
 
 def epoch_batches(n: int, seed: int, epoch: int, start: int, batch: int, world: int, rank: int) -> Iterator[list[int]]:
     """This process's index batches of one epoch, from sample `start` of the epoch's permutation on."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed((seed + 7919 * epoch) % 2**64)).tolist()
     step = batch * world
     for pos in range(start, n - step + 1, step):  # drop the ragged end so every process takes equal steps
         yield order[pos + rank * batch : pos + (rank + 1) * batch]
@@ -690,6 +691,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:  # OSError: missing files, hub ids that cannot be fetched
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a diverging run: its message names the last finite checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         import os
 

@@ -54,7 +54,7 @@ def validate(trainer, records: list[Record]) -> float | None:
     amp = torch.autocast(trainer.accelerator.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     generated = []
     for i, reference in enumerate(references):
-        g = torch.Generator("cpu").manual_seed(cfg.seed + i)
+        g = torch.Generator("cpu").manual_seed((cfg.seed + i) % 2**64)
         with amp:
             out = prompter(image=reference, prompt="", scale=1.0, num_inference_steps=cfg.validation_steps,
                            height=cfg.resolution, width=cfg.resolution, generator=g)
