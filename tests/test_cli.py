@@ -53,6 +53,11 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "is a file; expected a folder" in capsys.readouterr().err
     assert main(["eval", "tinyworld", "--n", "0"]) == 2
     assert "n must be >= 1, found 0" in capsys.readouterr().err
+    for command in (["eval", "tinyworld"], ["demo"], ["eval", "clip"]):  # before any model loads
+        assert main([*command, "--seed", "-9223372036854775809", "--out", str(tmp_path / "seed")]) == 2
+        assert "--seed must be within [-2**63, 2**64)" in capsys.readouterr().err
+    assert main(["eval", "tinyworld", "--n", "0"]) == 2
+    assert "n must be >= 1, found 0" in capsys.readouterr().err
     assert main(["eval", "tinyworld", "--n", "2", "--out", str(tmp_path / "file" / "table.md")]) == 2  # before the run
     assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
 

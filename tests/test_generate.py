@@ -419,9 +419,11 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         (["--face-image", ref, "--adapter", str(plus)], "need a FaceID adapter"),
         (["--face-id", str(tmp_path / "face.npy"), "--adapter", ip], "need a FaceID adapter"),
         ([*ok, "--save-embeds", str(tmp_path / "folder")], "--save-embeds .*folder is a folder; expected a .safetensors"),
-        ([*ok, "--save-embeds", ref], r"--save-embeds .*ref.png exists; it is not replaced"),  # the reference itself
+        ([*ok, "--save-embeds", ip], r"--save-embeds .*ip-adapter.safetensors exists; it is not replaced"),  # the adapter
+        ([*ok, "--save-embeds", ref], r"--save-embeds writes safetensors; expected a name ending in .safetensors"),
         ([*ok, "--save-embeds", str(tmp_path / "e.pt")], r"expected a name ending in .safetensors, found .*e.pt"),
         ([*ok, "--device", "gpu9"], "unknown --device 'gpu9'"),
+        ([*ok, "--seed", str(2**64)], r"--seed must be within \[-2\*\*63, 2\*\*64\), found 18446744073709551616"),
         ([*ok, "--init-image", ref, "--steps", "4", "--strength", "0.2"], r"int\(4 x 0.2\) = 0 denoising steps"),
         ([*ok, "--strength", "0.5"], "--strength acts only with --init-image"),
         ([*ok, "--combine", "average"], r"--combine mixes several references .*; one --image was given"),

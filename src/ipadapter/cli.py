@@ -71,8 +71,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .sources import check_seed
     from .tinyworld.demo import run_demo
 
+    check_seed(args.seed)
     run_demo(args.out, seed=args.seed, steps=args.steps)
     return 0
 
@@ -125,9 +127,10 @@ def cmd_eval_tinyworld(args: argparse.Namespace) -> int:
     import math
 
     from .blocks import PRECISE, PRESETS
-    from .sources import resolve_adapter
+    from .sources import check_seed, resolve_adapter
     from .tinyworld.evaluate import EvalSettings, evaluate, load_tinyworld, markdown_table
 
+    check_seed(args.seed)
     settings = EvalSettings(n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
     # everything is checked before the models load
     if not Path(resolve_adapter(args.adapter)).is_file():
@@ -328,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as e:  # OSError: missing files, and hub ids that cannot be fetched
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (eval clip resumes when rerun)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .blocks import PRECISE, PRESETS
     from .combine import COMBINE_MODES
     from .references import PREP_MODES
-    from .sources import resolve_adapter, resolve_base
+    from .sources import check_seed, resolve_adapter, resolve_base
 
     alpha = cfg.image_masks == ["alpha"]  # each reference's own transparency
     images = [*cfg.images, *cfg.negative_images, *([] if alpha else cfg.image_masks)]
@@ -185,6 +185,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
                              f"{cfg.save_embeds}")  # fmt: skip
         if Path(cfg.save_embeds).exists():
             raise ValueError(f"--save-embeds {cfg.save_embeds} exists; it is not replaced (remove it or name a new file)")
+    check_seed(cfg.seed)
     check_device(cfg.device)
     if cfg.init_image and cfg.steps is not None:
         check_denoising(cfg.steps, cfg.strength)

@@ -77,6 +77,14 @@ def check_base(base: str) -> None:
                                  f"tensors (the original layout), found {len(keys)} tensors such as {sorted(keys)[:3]}")  # fmt: skip
 
 
+def check_seed(seed: int, count: int = 1, flag: str = "--seed") -> None:
+    """`seed` .. `seed + count - 1` are seeds torch.Generator.manual_seed takes ([-2**63, 2**64)); else a ValueError
+    naming the flag (torch says only "Overflow when unpacking long", after the models load)."""
+    if not (-(2**63) <= seed and seed + count - 1 < 2**64):
+        extra = f" (and {flag} + {count - 1} for the later ones)" if count > 1 else ""
+        raise ValueError(f"{flag} must be within [-2**63, 2**64){extra}, found {seed}")
+
+
 # what `--dtype` accepts: the weights' dtype of the models that generate (scoring models stay float32)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -51,7 +51,7 @@ class ClipEvalConfig:
         """Values are checked here, before any model is loaded; files in `check_files`."""
         from ..blocks import PRECISE, PRESETS
         from ..compiling import check_backend
-        from ..sources import parse_dtype
+        from ..sources import check_seed, parse_dtype
 
         for name, low in (("images_per_pair", 1), ("limit", 0), ("steps", 1)):
             value = getattr(self, name)
@@ -62,6 +62,7 @@ class ClipEvalConfig:
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, found {value}")
         parse_dtype(self.dtype)
+        check_seed(self.seed)  # pair i uses seed + i: taken modulo 2**64 as manual_seed does for negative seeds
         check_backend(self.compile, "--compile")
         if self.preset and self.preset not in (*PRESETS, *PRECISE):
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
@@ -243,7 +244,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
                     images = prompter(image=reference, prompt=records[i].text if cfg.with_text else "",
                                       scale=cfg.scale, preset=cfg.preset or None, guidance_scale=cfg.guidance,
                                       num_images_per_prompt=cfg.images_per_pair,
-                                      generator=torch.Generator("cpu").manual_seed(cfg.seed + i), **kwargs).images  # fmt: skip
+                                      generator=torch.Generator("cpu").manual_seed((cfg.seed + i) % 2**64), **kwargs).images  # fmt: skip
                     ci = scorer.clip_i(images, reference)
                     item = {"index": i, "key": records[i].key, "text": records[i].text, "clip_i": float(ci.mean()),
                             "clip_t": None, "clipscore": None, "per_image_clip_i": [round(float(x), 5) for x in ci]}

@@ -82,7 +82,7 @@ def evaluate(pipe, prompter, reader, protocol: str, scale: float = 1.0, settings
     pfs: list[float] = []
     for start in range(0, len(scenes), settings.batch_size):
         chunk = scenes[start : start + settings.batch_size]
-        g = torch.Generator("cpu").manual_seed(settings.seed + start)
+        g = torch.Generator("cpu").manual_seed((settings.seed + start) % 2**64)
         common = {"num_inference_steps": settings.steps, "guidance_scale": settings.guidance_scale, "generator": g,
                   "height": 64, "width": 64}
         if protocol == "text":
