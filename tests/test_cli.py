@@ -108,3 +108,14 @@ def test_inspect_counts_the_adapter_of_a_trainer_state_not_its_unet(tmp_path, ca
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == sum(v.numel() for v in source.values())
     assert info["dtype"] == ", ".join(sorted({str(v.dtype).removeprefix("torch.") for v in source.values()}))
+
+
+def test_ctrl_c_ends_a_command_with_one_line(tmp_path, capsys, monkeypatch):
+    import ipadapter.tinyworld.demo
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ipadapter.tinyworld.demo, "run_demo", interrupted)
+    assert main(["demo", "--out", str(tmp_path)]) == 130  # the shell's status for SIGINT
+    assert capsys.readouterr().err.strip() == "interrupted"
