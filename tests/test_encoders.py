@@ -47,6 +47,11 @@ def test_missing_encoder_folder_and_bad_images(tmp_path):
         load_image(tmp_path / "broken.png")
     with pytest.raises(ValueError, match="is a folder; expected an image file"):
         load_image(tmp_path)
+    tiny_clip_vision().save_pretrained(tmp_path / "encoder")
+    weights = tmp_path / "encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a download cut short
+    with pytest.raises(ValueError, match="cannot load the image encoder weights in .*encoder: "):
+        ImageEncoder.from_pretrained(tmp_path / "encoder")
     Image.new("L", (20000, 20000)).save(tmp_path / "bomb.png")  # a few KB decoding to 400M pixels (PIL's limit: 179M)
     with pytest.raises(ValueError, match="bomb.png is too large to decode safely"):
         load_image(tmp_path / "bomb.png")

@@ -399,7 +399,7 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
     np.save(tmp_path / "face.npy", np.zeros((1, 512), np.float32))
     control = tmp_path / "controlnet"
     control.mkdir()
-    (control / "config.json").write_text(json.dumps({**unet.config, "block_out_channels": [8, 16]}))
+    (control / "config.json").write_text(json.dumps({**unet.config, "_class_name": "ControlNetModel", "block_out_channels": [8, 16]}))
     (tmp_path / "folder").mkdir()
     ref, ip = str(root / "ref.png"), str(root / "ip-adapter.safetensors")
     ok = ["--image", ref, "--adapter", ip, "--image-encoder", encoder]
@@ -433,6 +433,8 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         ([*ok, "--boost", "1"], "--boost goes with --preset style_precise / composition_precise"),
         ([*ok, "--controlnet", str(control), "--control-image", ref],
          r"the ControlNet .* is for a UNet with block_out_channels \[8, 16\]; the base's UNet has"),
+        ([*ok, "--controlnet", f"{base}/unet", "--control-image", ref],
+         r"unet holds a UNet2DConditionModel; expected a ControlNetModel folder"),
         (["--image", ref, "--adapter", str(faceid)], r"faceid.safetensors \(faceid\) is a FaceID adapter: pass --face-id"),
     ]
     monkeypatch.setattr(ipadapter.sources, "load_pipeline", None)  # any model work would fail differently

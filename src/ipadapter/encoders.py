@@ -59,8 +59,16 @@ class ImageEncoder(nn.Module):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         name_or_path, sub = model_source(name_or_path, subfolder, "image encoder")
-        model, info = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype,
-                                                                    output_loading_info=True, **sub, **kwargs)  # fmt: skip
+        import pickle
+
+        from safetensors import SafetensorError
+
+        try:
+            model, info = CLIPVisionModelWithProjection.from_pretrained(str(name_or_path), dtype=dtype,
+                                                                        output_loading_info=True, **sub, **kwargs)  # fmt: skip
+        except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:  # damaged / unsafe weights
+            where = Path(name_or_path) / sub.get("subfolder", "")
+            raise ValueError(f"cannot load the image encoder weights in {where}: {error}") from error
         missing = sorted(info["missing_keys"])
         if [k for k in missing if not k.startswith("visual_projection.")]:
             raise ValueError(f"{name_or_path} is not a complete CLIP vision encoder: {len(missing)} weights missing, "

@@ -330,6 +330,10 @@ def check_controlnet(cfg: GenerateConfig, unet: dict) -> None:
     if not path.is_file():
         return  # a hub id
     control = read_config(path)
+    kind = control.get("_class_name", "ControlNetModel")
+    if kind != "ControlNetModel":
+        raise ValueError(f"{cfg.controlnet} holds a {kind}; expected a ControlNetModel folder (config.json with "
+                         "_class_name ControlNetModel)")  # fmt: skip
     for key in ("cross_attention_dim", "block_out_channels", "layers_per_block"):
         if key in control and key in unet and control[key] != unet[key]:
             raise ValueError(f"the ControlNet {cfg.controlnet} is for a UNet with {key} {control[key]}; the base's "
