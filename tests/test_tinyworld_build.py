@@ -310,7 +310,9 @@ def test_command_line_bad_input_is_one_line(tmp_path, capsys):
     from ipadapter.tinyworld.build import cli
 
     for argv, message in ((["--stages", "foo"], "unknown stages ['foo']"), (["--threads", "0"], "--threads >= 1"),
-                          (["--set", "unet.steps=abc"], "unet.steps expects a number")):  # fmt: skip
+                          (["--set", "unet.steps=abc"], "unet.steps expects a number"),
+                          (["--stages", "tokenizer", "--ship", str(tmp_path / "ship")],  # before building anything
+                           "--ship needs the finished stages assemble and adapters; ['assemble', 'adapters'] neither")):  # fmt: skip
         assert cli(["--out", str(tmp_path / "b"), "--scale", "smoke", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err

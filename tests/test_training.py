@@ -696,7 +696,7 @@ def test_channels_last_trains_the_same_adapter_in_nhwc(world, tmp_path):
     assert TrainConfig.from_json((nhwc / "train_config.json").read_text()).channels_last
 
 
-def test_bad_settings_are_clear_errors(world, tmp_path):
+def test_bad_settings_are_clear_errors(world, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"drop probabilities must sum to a value in \[0, 1\], found 1.5"):
         TrainConfig(drop_image=0.5, drop_text=0.5, drop_both=0.5)
     with pytest.raises(FileNotFoundError, match="training data not found"):
@@ -718,6 +718,12 @@ def test_bad_settings_are_clear_errors(world, tmp_path):
                             ({"seed": 2**64}, r"seed must be within \[-2\*\*63, 2\*\*64\)")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             TrainConfig(**fields)
+    import ipadapter.training.loop as loop_module
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_module, "load_frozen_models", None)  # refused before any model would load
+        with pytest.raises(ValueError, match=r"2 samples cannot fill one batch of 4 x 1 processes"):
+            train(_cfg(world, tmp_path / "run5", data="tinyworld:2"), show_progress=False)
     from ipadapter.training.loop import epoch_batches, step_generator
 
     huge = 2**64 - 1  # any seed torch takes gives a generator (the arithmetic on it overflowed before)

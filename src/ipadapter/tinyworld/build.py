@@ -1476,6 +1476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; expected names from {STAGES}")
+    if args.ship:  # checked before hours of building: it copies the outputs of the last two stages
+        unbuilt = [s for s in ("assemble", "adapters")
+                   if s not in stages and not (Path(args.out) / s / "done.json").is_file()]  # fmt: skip
+        if unbuilt:
+            raise ValueError(f"--ship needs the finished stages assemble and adapters; {unbuilt} neither built in "
+                             f"{args.out} nor among --stages")  # fmt: skip
     device = _configure_device(args.device, args.threads, deterministic=not args.nondeterministic)
     config = apply_overrides(SCALES[args.scale](args.recipe or device.type), args.overrides)
     config.seed = args.seed

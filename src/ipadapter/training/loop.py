@@ -284,6 +284,9 @@ class Trainer:
                 )
         if not records:
             raise ValueError(f"no usable training samples in {cfg.data}")
+        world = self.accelerator.num_processes
+        if len(records) < cfg.batch_size * world:  # before any model loads (checked again after unreadable ones)
+            raise ValueError(f"{len(records)} samples cannot fill one batch of {cfg.batch_size} x {world} processes")
         self.records = records
 
     def _setup_data(self) -> None:
