@@ -147,6 +147,9 @@ def test_eval_clip_counts_unreadable_references_and_fails_when_none_is_left(tmp_
     (tmp_path / "bad.json").write_text(json.dumps(pairs[1:]))
     assert main([*args[:2], "--data", str(tmp_path / "bad.json"), *args[4:], "--out", str(tmp_path / "b")]) == 2
     assert "error: no pair of" in capsys.readouterr().err
+    # a wrong --image-root: named before any model loads, and nothing recorded that would refuse the corrected run
+    assert main([*args[:4], "--image-root", str(tmp_path / "wrong"), *args[6:], "--out", str(tmp_path / "c")]) == 2
+    assert "none of the 3 reference images of" in capsys.readouterr().err and not (tmp_path / "c").exists()
     render(_scene()).save(tmp_path / "missing.png")  # the missing reference arrives: the rerun evaluates it
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())

@@ -207,6 +207,12 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     records = read_records(cfg.data, cfg.image_root)
     if cfg.limit:
         records = records[: cfg.limit]
+    if not records:
+        raise ValueError(f"no (image, caption) pairs in {cfg.data}")
+    paths = [r.image_path for r in records if not r.image_bytes]
+    if len(paths) == len(records) and not any(Path(p).is_file() for p in paths):  # before any model loads
+        raise FileNotFoundError(f"none of the {len(paths)} reference images of {cfg.data} exists (first: {paths[0]}); "
+                                "check --image-root")  # fmt: skip
     adapter_path = resolve_adapter(cfg.adapter)
     check_requirements(cfg.compile, torch.device(cfg.device).type)
     scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
