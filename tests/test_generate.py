@@ -293,8 +293,12 @@ def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_pa
                                                    r"model.diffusion_model.\* tensors .* such as \['image_proj"),
              (str(root / "ref.png"), r"is neither a diffusers pipeline folder nor a single-file checkpoint"),
              (str(tmp_path), r"is not a diffusers pipeline folder: model_index.json missing"),
-             (str(tmp_path / "text.ckpt"), r"text.ckpt is not a readable .ckpt checkpoint .* starting with b'not '")]  # fmt: skip
+             (str(tmp_path / "text.ckpt"), r"text.ckpt is not a readable .ckpt checkpoint .* starting with b'not '"),
+             (str(tmp_path / "gone" / "model"), r"base model not found: .*gone/model \(expected a diffusers folder"),
+             (str(tmp_path / "half"), r"half is missing its unet: expected .*half/unet/config.json")]  # fmt: skip
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    (tmp_path / "half").mkdir()  # a download cut short
+    (tmp_path / "half" / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
     monkeypatch.setattr(ipadapter.sources, "load_pipeline", None)  # any model work would fail differently
     import re
 

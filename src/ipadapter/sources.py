@@ -51,9 +51,21 @@ def check_base(base: str) -> None:
     a file that is not a single-file checkpoint (.safetensors / .ckpt) or one without the original layout's UNet
     tensors (`model.diffusion_model.*`). Hub ids and "tinyworld" pass. Reads only a safetensors header."""
     p = Path(resolve_base(base))
+    text = str(resolve_base(base))
+    if not p.exists() and (text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES):
+        raise FileNotFoundError(f"base model not found: {p} (expected a diffusers folder, a single-file checkpoint "
+                                "or a hub id owner/name)")  # fmt: skip
     if p.is_dir():
         if not (p / "model_index.json").is_file():
             raise FileNotFoundError(f"{p} is not a diffusers pipeline folder: model_index.json missing")
+        try:
+            index = json.loads((p / "model_index.json").read_text())
+        except ValueError as error:
+            raise ValueError(f"{p / 'model_index.json'} is not readable JSON: {error}") from error
+        for component in ("unet", "vae", "text_encoder"):  # what every SD / SDXL pipeline loads
+            entry = index.get(component) if isinstance(index, dict) else None
+            if isinstance(entry, list) and entry and entry[0] is not None and not (p / component / "config.json").is_file():
+                raise FileNotFoundError(f"{p} is missing its {component}: expected {p / component / 'config.json'}")
     elif p.is_file():
         if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ValueError(f"{p} is neither a diffusers pipeline folder nor a single-file checkpoint "
