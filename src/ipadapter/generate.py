@@ -122,7 +122,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
     from .sources import check_base, parse_dtype
 
     parse_dtype(cfg.dtype)
-    check_base(cfg.base)
+    check_base(cfg.base, must_exist=False)  # a missing one is named when it would load (after the other checks)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ValueError(f"--out {cfg.out} is a file; expected a folder (it receives the PNGs)")
     if not 0 <= cfg.start <= cfg.end <= 1:
@@ -269,7 +269,7 @@ def check_models(cfg: GenerateConfig) -> None:
     from .checkpoint import adapter_from_tensors, read_tensors
     from .embeds import check_embeds
     from .encoders import check_encoder_folder
-    from .sources import resolve_adapter, resolve_image_encoder
+    from .sources import check_base, resolve_adapter, resolve_image_encoder
 
     path = Path(resolve_adapter(cfg.adapter))
     tensors, metadata = read_tensors(path, shapes_only=True)
@@ -313,6 +313,7 @@ def check_models(cfg: GenerateConfig) -> None:
     if reads_images:
         encoder = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not encoder and not cfg.embeds:
+            check_base(cfg.base)  # a base that does not exist is named as such
             raise ValueError(f"{name} needs {found.image_encoder_name}; pass --image-encoder (the base {cfg.base} "
                              "has no image_encoder/ folder)")  # fmt: skip
         if encoder:

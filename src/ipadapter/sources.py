@@ -46,13 +46,13 @@ def resolve_adapter(adapter: str) -> str:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def check_base(base: str) -> None:
+def check_base(base: str, must_exist: bool = True) -> None:
     """Raises a clear error if a local `base` cannot be a Stable Diffusion model: a folder without model_index.json,
     a file that is not a single-file checkpoint (.safetensors / .ckpt) or one without the original layout's UNet
     tensors (`model.diffusion_model.*`). Hub ids and "tinyworld" pass. Reads only a safetensors header."""
     p = Path(resolve_base(base))
     text = str(resolve_base(base))
-    if not p.exists() and (text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES):
+    if must_exist and not p.exists() and (text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES):
         raise FileNotFoundError(f"base model not found: {p} (expected a diffusers folder, a single-file checkpoint "
                                 "or a hub id owner/name)")  # fmt: skip
     if p.is_dir():

@@ -92,8 +92,8 @@ class TrainConfig:
             from ..compiling import check_backend
 
             check_backend(self.compile)
-        if not 0 < self.learning_rate < 1e30:
-            raise ValueError(f"learning_rate must be > 0 (and a usable step size), found {self.learning_rate}")
+        if not 0 < self.learning_rate <= 1e30:  # (1e38 overflowed inside AdamW's float32 arithmetic)
+            raise ValueError(f"learning_rate must be in (0, 1e30], found {self.learning_rate}")
 
     def _check_types(self) -> None:
         """Each field has its declared type (a --config JSON may say "8" or "false"): ints may stand for floats,

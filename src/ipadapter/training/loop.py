@@ -52,6 +52,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     killed" in the middle of that step). A worker whose main process dies exits by itself (PyTorch's watchdog)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while the worker started (see `started_workers`)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def started_workers(loader: DataLoader) -> Iterator:
+    """`iter(loader)`, its worker processes started with SIGINT / SIGTERM blocked: between the fork and
+    `ignore_stop_signals`, PyTorch's own worker handlers would let a signal to the process group kill a new worker
+    (a new DataLoader starts new workers every epoch). A signal meanwhile reaches the main process once unblocked."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return iter(loader)
+    stop = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class AdapterTrainingModule(nn.Module):
@@ -337,7 +353,7 @@ class Trainer:
                                     worker_init_fn=ignore_stop_signals,
                                     collate_fn=lambda items: items)
                 any_batch = False
-                for items in loader:
+                for items in started_workers(loader):
                     any_batch = True
                     self.position += len(items)
                     yield collate(items[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
@@ -352,7 +368,7 @@ class Trainer:
             collate_fn = collate_cached if self.cache is not None else collate
             loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_fn,
                                 worker_init_fn=ignore_stop_signals)  # fmt: skip
-            for batch in loader:
+            for batch in started_workers(loader):
                 self.position += cfg.batch_size * world
                 yield batch
             self.epoch, self.position = self.epoch + 1, 0
