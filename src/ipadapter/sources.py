@@ -52,7 +52,8 @@ def check_base(base: str, must_exist: bool = True) -> None:
     tensors (`model.diffusion_model.*`). Hub ids and "tinyworld" pass. Reads only a safetensors header."""
     p = Path(resolve_base(base))
     text = str(resolve_base(base))
-    if must_exist and not p.exists() and (text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES):
+    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES
+    if must_exist and not p.exists() and looks_local:  # (a hub id is owner/name)
         raise FileNotFoundError(f"base model not found: {p} (expected a diffusers folder, a single-file checkpoint "
                                 "or a hub id owner/name)")  # fmt: skip
     if p.is_dir():
