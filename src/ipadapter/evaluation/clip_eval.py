@@ -121,7 +121,7 @@ def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
     if not path.is_file():
         if any(out.glob("results.rank*.jsonl")):
             raise ValueError(f"{out} holds results of a run that recorded no settings (run.json); use a new --out")
-        others = sorted(p.name for p in out.iterdir())
+        others = sorted(p.name for p in out.iterdir() if p.name != "run.json")  # (the main process may be writing it)
         if others:  # not an evaluation's folder: its summary and images would replace the user's files
             raise ValueError(f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                              "expected a new or empty folder, or one of an earlier evaluation (with its run.json)")  # fmt: skip
