@@ -341,10 +341,28 @@ def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
     data = shutil.copytree(world["data"], tmp_path / "data")
     train(_cfg(world, tmp_path / "d", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
                max_steps=1), show_progress=False)  # fmt: skip
-    next(iter(sorted(data.glob("*.txt")))).write_text("another caption")
-    with pytest.raises(ValueError, match="built for other settings .*'records'"):
+    caption = next(iter(sorted(data.glob("*.txt"))))
+    text = caption.read_text()
+    caption.write_text("another caption")
+    with pytest.raises(ValueError, match="built for other settings .*'records'.*use another --cache-dir"):
         train(_cfg(world, tmp_path / "e", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
                    max_steps=1), show_progress=False)  # fmt: skip
+    caption.write_text(text)  # the same data again: the cache is taken
+    train(_cfg(world, tmp_path / "f", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
+               max_steps=1), show_progress=False)  # fmt: skip
+    # an image replaced in place under its name (another picture, another size) is other data too
+    images = sorted(data.glob("*.png"))
+    other = next(i for i in images[1:] if i.stat().st_size != images[0].stat().st_size)
+    images[0].write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match="built for other settings .*'records'"):
+        train(_cfg(world, tmp_path / "g", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
+                   max_steps=1), show_progress=False)  # fmt: skip
+    # a cache from before the VAE's precision was recorded (SDXL's VAE now encodes in float32 under fp16) is refused
+    index = json.loads((cache / "index.json").read_text())
+    del index["fingerprint"]["vae_dtype"]
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"'vae_dtype': \('\(not recorded: an older ipadapter built it\)', 'torch.float32'\)"):
+        train(_cfg(world, tmp_path / "h", cache_embeddings=True, cache_dir=str(cache), max_steps=1), show_progress=False)
 
 
 def test_an_interrupted_cache_build_continues_after_its_last_full_shard(world, tmp_path, monkeypatch):

@@ -61,6 +61,13 @@ def fingerprint(**parts) -> dict:
     return {k: str(v) for k, v in parts.items()}
 
 
+def differences(cached: dict, wanted: dict) -> dict:
+    """{setting: (cached, wanted)} where they differ; a setting the cache lacks reads "(not recorded: an older
+    ipadapter built it)"."""
+    absent = "(not recorded: an older ipadapter built it)"
+    return {k: (cached.get(k, absent), v) for k, v in wanted.items() if cached.get(k) != v}
+
+
 class EmbeddingCache(Dataset):
     """Reads a built cache; item i holds the tensors of sample i (plus 'index', 'original_size', 'crop_top_left')."""
 
@@ -77,8 +84,9 @@ class EmbeddingCache(Dataset):
             raise ValueError(f"{index_path} is not an embedding cache's index (expected fingerprint, count and keys); "
                              "use another --cache-dir")  # fmt: skip
         if index["fingerprint"] != expected:
-            diff = {k: (index["fingerprint"].get(k), v) for k, v in expected.items() if index["fingerprint"].get(k) != v}
-            raise ValueError(f"the embedding cache in {self.folder} was built for other settings (cached, wanted): {diff}")
+            raise ValueError(f"the embedding cache in {self.folder} was built for other settings (cached, wanted): "
+                             f"{differences(index['fingerprint'], expected)}; use another --cache-dir, or delete that "
+                             "one to rebuild it")  # fmt: skip
         self.count = int(index["count"])
         self.skipped = int(index.get("skipped", 0))  # unreadable images left out when the cache was built
         self.keys = index["keys"]
@@ -118,10 +126,9 @@ def finished_shards(folder: Path, expected: dict) -> list[str]:
             break
         if meta.get("fingerprint") != wanted and meta.get("fingerprint"):
             # an unfinished cache of other settings (another run sharing --cache-dir): not ours to delete
-            theirs = json.loads(meta["fingerprint"])
-            diff = {k: (theirs.get(k), v) for k, v in expected.items() if theirs.get(k) != v}
             raise ValueError(f"{folder} holds an unfinished embedding cache of other settings (cached, wanted): "
-                             f"{diff}; use another --cache-dir (or delete that one to rebuild it)")  # fmt: skip
+                             f"{differences(json.loads(meta['fingerprint']), expected)}; use another --cache-dir (or "
+                             "delete that one to rebuild it)")  # fmt: skip
         if len(shard_keys) != SHARD:  # the short last shard: written again
             break
         keys += shard_keys

@@ -324,7 +324,8 @@ class Trainer:
         if cfg.cache_embeddings:
             expected = fingerprint(base=cfg.base, image_encoder=cfg.image_encoder, feature=self.feature,
                                    resolution=cfg.resolution, data=cfg.data, image_root=cfg.image_root,
-                                   samples=len(records), records=records_digest(records), dtype=self._weight_dtype())
+                                   samples=len(records), records=records_digest(records), dtype=self._weight_dtype(),
+                                   vae_dtype=models.vae.dtype)  # (SDXL's VAE stays float32 under fp16: `models`)
             folder = Path(cfg.cache_dir or self.output / "cache")
             with self.accelerator.main_process_first():
                 if self.accelerator.is_main_process:
@@ -631,15 +632,23 @@ class Trainer:
 
 
 def records_digest(records) -> str:
-    """What the cache was built from: each record's key, caption and where its image and face embedding come from
-    (a changed --image-root, list or caption changes it; an image replaced in place under the same name does not)."""
+    """What the cache was built from: each record's key, caption, where its image and face embedding come from and
+    their sizes in bytes (a changed --image-root, list or caption changes it, and so does an image or embedding
+    replaced in place by one of another size; one of exactly the same size is not detected). Sizes, not modification
+    times: a dataset copied to another disk keeps its cache."""
     import hashlib
+
+    def size(path: str) -> int | None:
+        try:
+            return Path(path).stat().st_size if path else None
+        except OSError:  # missing or unreadable: the record is skipped (and counted) when the cache is built
+            return None
 
     digest = hashlib.sha256()
     for r in records:
         source = r.image_path or f"<{len(r.image_bytes)} bytes {hashlib.sha256(r.image_bytes).hexdigest()[:16]}>"
         digest.update(json.dumps([r.key, r.text, str(Path(source).resolve()) if r.image_path else source,
-                                  r.face_id_path]).encode())  # fmt: skip
+                                  size(r.image_path), r.face_id_path, size(r.face_id_path)]).encode())  # fmt: skip
     return digest.hexdigest()
 
 
