@@ -119,3 +119,27 @@ def test_ctrl_c_ends_a_command_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ipadapter.tinyworld.demo, "run_demo", interrupted)
     assert main(["demo", "--out", str(tmp_path)]) == 130  # the shell's status for SIGINT
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_named_with_why(tmp_path, capsys, monkeypatch):
+    """Offline (the tests set HF_HUB_OFFLINE), diffusers reports an uncached hub id only as "X does not appear to have
+    a file named model_index.json"; the error names the flag and says the hub could not be used and what to do."""
+    from huggingface_hub import constants
+    from PIL import Image
+
+    from ipadapter.training.loop import main as train_main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "ref.png")
+    assert main(["generate", "--base", "nobody/not-a-model", "--image-encoder", "tinyworld", "--image",
+                 str(tmp_path / "ref.png"), "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--base nobody/not-a-model is a hub id not found locally nor in the Hugging Face cache, and " \
+           "HF_HUB_OFFLINE is set" in err and "huggingface-cli download" in err  # fmt: skip
+    assert train_main(["--image-encoder", "nobody/no-encoder", "--data", "tinyworld:8", "--output",
+                       str(tmp_path / "run"), "--max-steps", "1"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--image-encoder nobody/no-encoder is a hub id not found locally" in err and "--base" not in err
+    # other errors are left as they are
+    assert main(["inspect", str(tmp_path / "nope.bin")]) == 2
+    assert "Hugging Face" not in capsys.readouterr().err

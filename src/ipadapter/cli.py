@@ -318,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the flags that name models, which may be hub ids (named in the error when the hub cannot be reached)
+MODEL_FLAGS = {"base", "base_config", "image_encoder", "controlnet", "t2i_adapter", "clip", "content_text_encoder"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # training has its own parser (one flag per TrainConfig field)
@@ -329,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as e:  # OSError: missing files, and hub ids that cannot be fetched
-        print(f"error: {e}", file=sys.stderr)
+        from .sources import error_line
+
+        models = {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k in MODEL_FLAGS and isinstance(v, str)}
+        print(f"error: {error_line(e, models)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was written is complete (eval clip resumes when rerun)
         print("\ninterrupted", file=sys.stderr)

@@ -21,6 +21,47 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def hub_ids(flags: dict[str, str]) -> list[str]:
+    """"FLAG VALUE" for each value that can only be a hub id (owner/name, optionally ::subfolder): not a path that
+    exists, not "tinyworld", not starting like a path."""
+    found = []
+    for flag, value in flags.items():
+        repo = str(value or "").split("::")[0]
+        if repo and repo.count("/") == 1 and not repo.startswith(("/", "./", "../", "~")) and not Path(repo).exists():
+            found.append(f"{flag} {value}")
+    return found
+
+
+def unreachable_hub(error: BaseException, flags: dict[str, str] | None = None) -> str:
+    """For an error raised while loading a hub id that is neither local nor cached where the Hugging Face Hub cannot
+    be reached (no network, or HF_HUB_OFFLINE set): a sentence that says so, naming the hub ids among `flags`
+    ({"--base": value, ...}); diffusers itself then reports only "X does not appear to have a file named
+    config.json", as if the repository lacked it. "" for any other error."""
+    chain, seen = [], set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:  # __cause__ / __context__ links, each once
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if not {type(e).__name__ for e in chain} & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        return ""
+    from huggingface_hub import constants
+
+    ids = hub_ids(flags or {})
+    named = (f"{', '.join(ids)} {'is a hub id' if len(ids) == 1 else 'are hub ids'} not found locally nor in the "
+             "Hugging Face cache" if ids else "a hub id was not found locally nor in the Hugging Face cache")  # fmt: skip
+    why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+           else f"the Hugging Face Hub could not be reached ({chain[-1]})")  # fmt: skip
+    return (f"{named}, and {why}: download it once on a connected machine (`huggingface-cli download ID`, or copy "
+            "a Hugging Face cache and point HF_HOME at it), or pass a local folder")
+
+
+def error_line(error: BaseException, flags: dict[str, str] | None = None) -> str:
+    """The CLI's one-line error: the exception's text, and `unreachable_hub`'s explanation when there is one."""
+    hub = unreachable_hub(error, flags)
+    return f"{error} ({hub})" if hub else str(error)
+
+
 def resolve_image_encoder(base: str, image_encoder: str = "") -> str:
     """The image encoder to use: the one given, else an image_encoder/ folder inside or beside the base folder."""
     if image_encoder:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..adapter import IPAdapter
 from ..checkpoint import load_adapter
 from ..compiling import check_requirements
+from ..sources import error_line
 from ..variants import get_variant
 from . import sharded
 from .cache import EmbeddingCache, build_cache, fingerprint
@@ -713,11 +714,13 @@ def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cfg = None
     try:
         cfg = config_from_args(argv)
         final = train(cfg)
     except (ValueError, OSError, ImportError) as e:  # OSError: missing files, hub ids that cannot be fetched
-        print(f"error: {e}", file=sys.stderr)
+        models = {"--base": cfg.base, "--image-encoder": cfg.image_encoder} if cfg is not None else {}
+        print(f"error: {error_line(e, models)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a diverging run: its message names the last finite checkpoint
         print(f"error: {e}", file=sys.stderr)
