@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text
+
 SUMMARY_KEYS = ("clip_i", "clip_t", "clipscore")
 
 
@@ -121,12 +123,13 @@ def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
     if not path.is_file():
         if any(out.glob("results.rank*.jsonl")):
             raise ValueError(f"{out} holds results of a run that recorded no settings (run.json); use a new --out")
-        others = sorted(p.name for p in out.iterdir() if p.name != "run.json")  # (the main process may be writing it)
+        # (the main process may be writing run.json, through a temporary file beside it)
+        others = sorted(p.name for p in out.iterdir() if p.name != "run.json" and not p.name.startswith(".run.json."))
         if others:  # not an evaluation's folder: its summary and images would replace the user's files
             raise ValueError(f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                              "expected a new or empty folder, or one of an earlier evaluation (with its run.json)")  # fmt: skip
         if write:
-            path.write_text(json.dumps(wanted, indent=2))
+            write_text(path, json.dumps(wanted, indent=2))  # whole or not at all: a kill leaves no half of it
         return
     saved = json.loads(path.read_text())
     differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in wanted.items() if saved.get(k) != v]
@@ -240,7 +243,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
         part = out / f"results.rank{state.process_index}.jsonl"
         if part.exists():  # drop a line a kill cut short, so appended results start on a line of their own
             kept = [line for line in part.read_text(encoding="utf-8").splitlines() if _valid(line)]
-            part.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            write_text(part, "".join(line + "\n" for line in kept))  # atomic: a kill now keeps the results
         with part.open("a", encoding="utf-8") as results:
             for i in tqdm(mine, disable=not (show_progress and state.is_main_process), desc="eval clip"):
                 reference = open_image(records[i])
@@ -270,6 +273,6 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     summary = summarize(items, cfg)
     summary["skipped"] = sum(1 for it in results.values() if "skipped" in it)
     if state.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(markdown(summary))
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
+        write_text(out / "summary.md", markdown(summary))
     return summary
