@@ -300,3 +300,20 @@ def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, 
         plain = unet(**inputs).sample
     assert torch.allclose(small, reference, atol=1e-5)
     assert not torch.allclose(small, plain, atol=1e-3)
+
+
+def test_faceid_lora_follows_a_unet_moved_after_attaching():
+    """enable_model_cpu_offload() moves the UNet to the GPU only for its forward, after the adapter was attached on
+    the CPU: the image keys/values follow (computed where the adapter is, then moved), and the FaceID LoRA moves to
+    where the UNet runs (here the `meta` device stands in for the GPU: shapes only)."""
+    unet = tiny_unet("sd15")
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(unet, "faceid").attach(unet)
+    adapter.set_tokens(adapter.project(face_id=torch.randn(2, 512)))
+    inputs = unet_inputs(unet, batch=2)
+    expected_shape = unet(**inputs).sample.shape
+    unet.to("meta")  # what an offload hook does before the UNet's forward
+    moved = unet(**{k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}).sample
+    assert moved.device.type == "meta" and moved.shape == expected_shape
+    assert {p.device.type for p in adapter.lora.parameters()} == {"meta"}
+    assert {p.device.type for p in adapter.image_proj.parameters()} == {"cpu"}  # the rest stays where it was

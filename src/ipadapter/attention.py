@@ -249,7 +249,14 @@ class DecoupledAttnProcessor:
     def _project(self, base: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         out = base(x)
         for branch in self.lora_branches:
-            out = out + getattr(branch.lora, name)(x)
+            lora = getattr(branch.lora, name)
+            if lora.down.weight.device != x.device and not torch.compiler.is_compiling():
+                # The UNet runs elsewhere than where the adapter was attached (enable_model_cpu_offload() moves it to
+                # the GPU for its forward only): this layer's LoRA moves there once, as the offloaded UNet's own
+                # weights do (a few MB per layer; the image keys/values are moved, not the projections, see
+                # `ImageBranch._project_tokens`).
+                branch.lora.to(x.device)
+            out = out + lora(x)
         return out
 
     def __call__(
