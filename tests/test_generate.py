@@ -405,6 +405,7 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
     control.mkdir()
     (control / "config.json").write_text(json.dumps({**unet.config, "_class_name": "ControlNetModel", "block_out_channels": [8, 16]}))
     (tmp_path / "folder").mkdir()
+    Image.new("RGB", (1, 30)).save(tmp_path / "tiny.png")
     ref, ip = str(root / "ref.png"), str(root / "ip-adapter.safetensors")
     ok = ["--image", ref, "--adapter", ip, "--image-encoder", encoder]
     cases = [
@@ -430,6 +431,9 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
         ([*ok, "--seed", str(2**64)], r"--seed must be within \[-2\*\*63, 2\*\*64\), found 18446744073709551616"),
         ([*ok, "--init-image", ref, "--steps", "4", "--strength", "0.2"], r"int\(4 x 0.2\) = 0 denoising steps"),
         ([*ok, "--strength", "0.5"], "--strength acts only with --init-image"),
+        ([*ok, "--init-image", str(tmp_path / "tiny.png")],  # diffusers: "height and width must be > 0", models loaded
+         r"--init-image .*tiny.png is 1x30 px; image-to-image keeps its size, rounded down to multiples of 2 .*: "
+         r"expected at least 2 px a side"),  # (this VAE: 2 blocks)
         ([*ok, "--combine", "average"], r"--combine mixes several references .*; one --image was given"),
         ([*ok, "--negative-prompt", "red", "--negative-image", ref, "--guidance", "1"],
          r"--negative-prompt, --negative-image act\(s\) only with classifier-free guidance \(--guidance > 1\); found "

@@ -189,7 +189,26 @@ def check_inputs(cfg: GenerateConfig) -> None:
     check_device(cfg.device)
     if cfg.init_image and cfg.steps is not None:
         check_denoising(cfg.steps, cfg.strength)
+    if cfg.init_image and not (cfg.width and cfg.height):
+        factor = vae_factor(cfg.base)
+        size = load_image(cfg.init_image).size
+        if min(size) < factor:  # diffusers rounds the size down to multiples of the factor: 0 ("must be > 0")
+            raise ValueError(f"--init-image {cfg.init_image} is {size[0]}x{size[1]} px; image-to-image keeps its size, "
+                             f"rounded down to multiples of {factor} (the VAE's downsampling): expected at least "
+                             f"{factor} px a side")  # fmt: skip
     check_models(cfg)
+
+
+def vae_factor(base: str) -> int:
+    """The VAE's downsampling factor (2 ** (blocks - 1)) from a local base's vae/config.json; 8 (every Stable
+    Diffusion and SDXL VAE) where there is none to read (a hub id, a single file)."""
+    from .sources import resolve_base
+
+    config = Path(resolve_base(base)) / "vae" / "config.json"
+    try:
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
 
 
 def check_device(device: str) -> None:
