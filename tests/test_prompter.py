@@ -131,6 +131,27 @@ def test_step_window(folders):
         adapter.state.set_window(0.8, 0.2)
 
 
+def test_a_concat_adapter_acts_on_the_steps_of_its_window(folders):
+    """The step is known before a concat adapter appends its tokens: with start=0.5 of 4 steps exactly the UNet
+    calls of steps 2 and 3 get the image tokens (the tracker used to run after the adapter's pre-hook, so the window
+    was judged on the previous step's index and step 0 always got them)."""
+    ours, _ = _pipes(*folders[:2])
+    encoder = ImageEncoder.from_pretrained(folders[1])
+    adapter = IPAdapter.for_unet(ours.unet, "concat", image_embed_dim=encoder.pooled_dim)
+    prompter = ImagePrompter(ours, adapter, encoder)
+    lengths = []
+    spy = ours.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    reference = Image.new("RGB", (28, 28), "red")
+    for (start, end), acting in (((0.5, 1.0), [2, 3]), ((0.0, 0.5), [0, 1])):
+        lengths.clear()
+        prompter(image=reference, prompt="a shape", start=start, end=end, num_inference_steps=4, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0))
+        assert [i for i, n in enumerate(lengths) if n > min(lengths)] == acting
+    spy.remove()
+    prompter.detach()
+
+
 @pytest.mark.parametrize("order", ["attach, then compile", "compile, then attach"])
 def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(compact_folders, order):
     """pipe.unet = torch.compile(pipe.unet), before or after the adapter is attached: the same images as eager, from
@@ -172,6 +193,23 @@ def test_a_compiled_unet_gives_the_same_pixels_and_reuses_its_graphs(compact_fol
         prompter.detach()
     finally:
         torch._dynamo.reset()
+
+
+def test_a_step_window_counts_every_unet_call_of_a_second_order_scheduler(folders):
+    """Heun's schedule holds each inner timestep twice (t0, t1, t1, t2, t2, ...): each UNet call gets its own index
+    i of N = len(timesteps) (the official rule's loop index), not the first occurrence of its timestep."""
+    from diffusers import HeunDiscreteScheduler
+
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    ours.scheduler = HeunDiscreteScheduler.from_config(ours.scheduler.config)
+    prompter = ImagePrompter(ours, adapter, encoder)
+    seen = []
+    spy = ours.unet.register_forward_hook(lambda m, args, out: seen.append(adapter.state.progress))
+    prompter(image=Image.new("RGB", (28, 28), "red"), prompt="a shape", start=0.25, end=0.75, num_inference_steps=4,
+             output_type="np", generator=torch.Generator("cpu").manual_seed(0))
+    spy.remove()
+    prompter.detach()
+    assert seen == [(i, 7) for i in range(7)]
 
 
 def test_a_prompter_whose_adapter_no_longer_acts_on_the_pipeline_says_so(folders):

@@ -488,7 +488,9 @@ class ImagePrompter:
             # where a mask does (its grid at each layer)
             hook = None
             if any(a.state.windowed or any(g.mask is not None for g in a.state.groups) for a in self.adapters):
-                hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True)
+                # prepend: before the UNet's other pre-hooks, e.g. a concat adapter's `_append_tokens` (registered
+                # at attach), which decides from the step whether its tokens join the context of this UNet call
+                hook = self.pipe.unet.register_forward_pre_hook(self._track_step, with_kwargs=True, prepend=True)
                 for a in self.adapters:
                     a.state.step_tracked = True
             try:
@@ -523,8 +525,14 @@ class ImagePrompter:
         if t is None or timesteps is None or len(timesteps) == 0:
             return
         t = torch.as_tensor(t).flatten()[0].to(timesteps.device, timesteps.dtype)
-        match = (timesteps == t).nonzero()
-        if len(match):
-            progress = (int(match[0, 0]), len(timesteps))
+        match = (timesteps == t).nonzero().flatten().tolist()
+        if len(match) > 1:
+            # a timestep the schedule holds more than once (Heun: t0, t1, t1, t2, t2, ...): the first occurrence
+            # after the previous UNet call's (from the scheduler's begin index on the first call, img2img's start)
+            previous = self.adapters[0].state.progress
+            after = previous[0] + 1 if previous is not None else (getattr(self.pipe.scheduler, "begin_index", None) or 0)
+            match = [i for i in match if i >= after] or match
+        if match:
+            progress = (match[0], len(timesteps))
             for a in self.adapters:
                 a.state.progress = progress
