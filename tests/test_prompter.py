@@ -312,3 +312,37 @@ def test_low_level_windows_need_the_step_and_offloaded_or_moved_unets_keep_the_a
                                                   **common).images  # fmt: skip
     assert all(torch.equal(v, adapter.state_dict()[k]) for k, v in weights.items())
     assert abs(found - expected).max() <= 1e-6
+
+
+def test_two_threads_on_one_pipeline_take_turns_and_keep_their_references(folders):
+    """A web app serving two users from one pipeline: generations on one UNet take turns (the image prompt lives in
+    the adapter's state; without the lock one thread got the other's reference, the other an error)."""
+    import threading
+
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    prompter = ImagePrompter(ours, adapter, encoder)
+    references = [Image.new("RGB", (28, 28), "red"), Image.new("RGB", (28, 28), "blue")]
+    kwargs = [{}, {"start": 0.5}]  # the second also sets a window (step tracking) while the first runs
+
+    def generate(i):
+        return prompter(image=references[i], prompt="a shape", num_inference_steps=6, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(5), **kwargs[i]).images  # fmt: skip
+
+    expected = [generate(0), generate(1)]
+    assert abs(expected[0] - expected[1]).max() > 1e-3  # the references make a difference
+    for _ in range(2):
+        found, errors = {}, []
+
+        def work(i):
+            try:
+                found[i] = generate(i)
+            except Exception as error:  # noqa: BLE001 (reported below)
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and all((found[i] == expected[i]).all() for i in range(2))
+    prompter.detach()

@@ -22,6 +22,8 @@ prompt, combined by `combine`. With one prompt, a flat list is several reference
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -141,6 +143,23 @@ def masks_tensor(mask, n_prompts: int) -> torch.Tensor | None:
     if isinstance(mask, torch.Tensor) and mask.ndim == 3 and mask.shape[0] > 1:
         return torch.stack([load_mask(m) for m in mask])
     return load_mask(mask)[None]
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> its generation lock
+_LOCKS_GUARD = threading.Lock()
+
+
+def generation_lock(unet: torch.nn.Module) -> threading.RLock:
+    """The lock that makes `ImagePrompter` calls on one UNet take turns. The image prompt lives in the attached
+    adapters' state (and diffusers' scheduler keeps its steps in the pipeline), so two threads generating at once on
+    one pipeline (a web app serving two users) would mix their references or fail; with it the second call waits for
+    the first. Re-entrant, so that a callback that generates in the same thread does not deadlock."""
+    key = getattr(unet, "_orig_mod", unet)  # a compiled UNet's lock is its module's
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.RLock()
+    return lock
 
 
 class ImagePrompter:
@@ -452,6 +471,12 @@ class ImagePrompter:
         Returns:
             the pipeline's output.
         """
+        with generation_lock(self.pipe.unet):  # one generation at a time per UNet (see `generation_lock`)
+            return self._call(image, prompt, scale, negative_image, face_id, guidance_scale, num_images_per_prompt,
+                              start, end, prompts, controls)
+
+    def _call(self, image, prompt, scale, negative_image, face_id, guidance_scale, num_images_per_prompt, start, end,
+              prompts, controls):  # fmt: skip
         fields = set(ImagePrompt.__dataclass_fields__)
         prompt_controls = {k: controls.pop(k) for k in list(controls) if k in fields}
         if "pipeline_image" in controls:  # the pipeline's own `image` (img2img start, ControlNet condition)
