@@ -119,3 +119,15 @@ def test_precise_presets_follow_the_community_table(names):
     _, negative = precise_weights(sd15, "style_precise", 1.0, 1.0)
     assert {t: w for t, w in _by_transformer(sd15, negative).items() if w} == {
         "down_blocks.2.attentions.0": 0.25, "down_blocks.2.attentions.1": 1.0}
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "sdxl"])
+def test_composition_presets_split_by_role_add_up_to_the_one_image_preset(names, family_name):
+    layer_names = names[family_name]
+    for preset in ("style_and_composition", "strong_style_and_composition"):
+        whole = preset_weights(layer_names, preset, 0.8, 0.5)
+        style, comp = preset_weights(layer_names, preset, 0.8, 0.0), preset_weights(layer_names, preset, 0.0, 0.5)
+        assert [s + c for s, c in zip(style, comp)] == pytest.approx(whole)  # composition_image's two groups
+    if family_name == "sd15":  # ComfyUI's "strong style and composition": {4: wc, 5: wc}, no quarter
+        strong = _by_transformer(layer_names, preset_weights(layer_names, "strong_style_and_composition", 0.8, 0.5))
+        assert strong["down_blocks.2.attentions.0"] == strong["down_blocks.2.attentions.1"] == 0.5

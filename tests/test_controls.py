@@ -170,6 +170,9 @@ def test_composition_image_equal_to_the_style_image_is_the_single_image_preset(s
         other = _run(prompter, image=a, composition_image=b, preset="style_and_composition", scale=0.9,
                      composition_scale=0.6)  # fmt: skip
         assert abs(other - single).max() > 1e-4
+        strong = _run(prompter, image=a, preset="strong_style_and_composition", scale=0.9, composition_scale=0.6)
+        assert abs(strong - _run(prompter, image=a, composition_image=a, preset="strong_style_and_composition",
+                                 scale=0.9, composition_scale=0.6)).max() <= 1e-5  # fmt: skip
         with pytest.raises(ValueError, match="composition_image needs preset 'style_and_composition'"):
             _run(prompter, image=a, composition_image=b, preset="style")
     finally:

@@ -391,10 +391,11 @@ class ImagePrompter:
             if p.preset not in ("style_and_composition", "strong_style_and_composition"):
                 raise ValueError("composition_image needs preset 'style_and_composition' or "
                                  f"'strong_style_and_composition', found {p.preset!r}")  # fmt: skip
-            style_preset = "strong_style" if p.preset.startswith("strong") else "style"
-            style = layer_weights(names, p.scale, style_preset)
+            # the preset's own weights split by role (its composition layers at 0, then everything else at 0), so
+            # the two groups add up to the one-image preset (SD1.5's strong preset has no quarter at t 4)
             comp_scale = p.composition_scale if p.composition_scale is not None else p.scale
-            composition = layer_weights(names, comp_scale, "composition")
+            style = layer_weights(names, p.scale, p.preset, 0.0)
+            composition = layer_weights(names, 0.0, p.preset, comp_scale)
             comp_cond, comp_uncond = tokens(references_per_prompt(p.composition_image, n_prompts, ndim))
             return [TokenGroup(cond, uncond if cfg else None, style, window, mask),
                     TokenGroup(comp_cond, comp_uncond if cfg else None, composition, window, mask)]  # fmt: skip
