@@ -200,6 +200,21 @@ def test_combine_modes_and_weights(setup):
         prompter.detach()
 
 
+@pytest.mark.parametrize("mode", ["average", "add", "subtract", "norm_average", "max"])
+def test_combining_references_keeps_the_empty_image_as_the_unconditional_prompt(setup, mode):
+    ours, _, encoder, adapters = setup
+    a, b, c = _refs()
+    adapter = IPAdapter.from_file(adapters["plus"])  # Plus: the empty image's features are not zero
+    prompter = ImagePrompter(ours, adapter, encoder)
+    try:
+        with torch.no_grad():
+            empty = adapter.project(image=encoder.unconditional("penultimate", 1))
+            _, uncond = prompter._prompt_tokens(0, [a, b, c], None, None, ImagePrompt(image=[a, b, c], combine=mode), 0)
+        assert torch.allclose(uncond, empty, atol=1e-6)  # as ComfyUI (uncond[0]); "add" gave 3x, "subtract" zeros
+    finally:
+        prompter.detach()
+
+
 def test_negative_images_and_noised_references_change_only_the_unconditional_branch(setup):
     ours, _, encoder, adapters = setup
     a, b, _ = _refs()

@@ -314,7 +314,12 @@ class ImagePrompter:
             else:  # precomputed features without an encoder: zeros, as pooled training drops
                 uncond_feats = torch.zeros_like(cond_feats)
             cond_feats = combine_features(cond_feats, p.combine, p.weights)
-            uncond_feats = combine_features(uncond_feats, p.combine, None if negatives is None else p.weights)
+            if negatives is None and p.negative_noise == 0:
+                # the dropped image stays the dropped image whatever the mode (ComfyUI_IPAdapter_plus keeps
+                # `img_uncond_embeds[0]`): "add" summed K copies of it, "subtract" cancelled it to zero features
+                uncond_feats = uncond_feats[: cond_feats.shape[0]]
+            else:
+                uncond_feats = combine_features(uncond_feats, p.combine, None if negatives is None else p.weights)
         faces = None
         if face is not None:
             face = face.reshape(-1, face.shape[-1])  # (K, 512): K faces of one person, their tokens concatenated
