@@ -46,6 +46,23 @@ def test_preparation_modes_keep_what_they_promise():
         prepare(wide, "crop")
 
 
+@pytest.mark.parametrize("width", [100, 120, 135, 240, 250, 340, 350, 640])
+def test_tiles_cover_the_whole_reference(width):
+    # each column holds its own index (red: low byte, green: high byte), so a tile tells which columns it shows
+    columns = np.tile(np.arange(width)[None, :], (100, 1))
+    image = Image.fromarray(np.stack([columns % 256, columns // 256, 0 * columns], -1).astype(np.uint8))
+    tiles = prepare(image, "tiles", 100)  # tiles along the width keep their 100 columns (no resampling)
+    if width < 400 / 3:  # near-square: ComfyUI's 2 x 2 grid of the central square
+        assert len(tiles) == 4
+        return
+    assert len(tiles) == -(-width // 100)  # the aspect ratio rounded up (ComfyUI's IPAdapterTiled count)
+    seen = np.zeros(width, bool)
+    for tile in tiles:
+        pixels = np.asarray(tile).astype(np.int64)
+        seen[pixels[0, :, 0] + 256 * pixels[0, :, 1]] = True
+    assert seen.all()  # no column of the reference is left out (2 tiles on a 2.4:1 image showed 83%)
+
+
 def test_noised_reference_is_deterministic_and_scales_with_strength():
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     assert np.array_equal(np.asarray(noised_reference(image, 0.0)), np.asarray(image))

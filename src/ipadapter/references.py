@@ -7,6 +7,8 @@ a large or wide reference as several square crops whose tokens are used together
 
 from __future__ import annotations
 
+import math
+
 from PIL import Image, ImageOps
 
 PREP_MODES = ("center_crop", "pad", "squash", "tiles")
@@ -19,8 +21,11 @@ def prepare(image: Image.Image, mode: str = "center_crop", size: int = 224, pad_
     center_crop: the central square, then resized (CLIPImageProcessor's result for the same size).
     pad: the whole image centred on a square of `pad_color`.
     squash: the whole image resized to the square, aspect ratio not kept.
-    tiles: square crops covering the image: along the long side as many as its aspect ratio needs (at least 2),
-      or a `tile_grid` x `tile_grid` grid of crops of the central square when given.
+    tiles: square crops covering the image: along the long side as many as its aspect ratio needs (the ratio
+      rounded up, overlapping evenly: ComfyUI_IPAdapter_plus's IPAdapterTiled count), or a `tile_grid` x
+      `tile_grid` grid of crops of the central square when given; a near-square image (long side < 4/3 of the
+      short one, ComfyUI's 0.75 < h/w < 1.33) gets the 2 x 2 grid, since crops along its long side would be
+      (nearly) the whole image repeated.
     """
     if mode not in PREP_MODES:
         raise ValueError(f"unknown reference preparation {mode!r}; expected one of {', '.join(PREP_MODES)}")
@@ -33,6 +38,8 @@ def prepare(image: Image.Image, mode: str = "center_crop", size: int = 224, pad_
         return [ImageOps.pad(image, (size, size), method=resample, color=pad_color)]
     if mode == "center_crop":
         return [ImageOps.fit(image, (size, size), method=resample)]
+    if tile_grid is None and max(w, h) < 4 / 3 * min(w, h):
+        tile_grid = 2
     if tile_grid is not None:
         if tile_grid < 1:
             raise ValueError(f"tile_grid must be >= 1, found {tile_grid}")
@@ -42,7 +49,7 @@ def prepare(image: Image.Image, mode: str = "center_crop", size: int = 224, pad_
         return [square.crop((round(i * step), round(j * step), round((i + 1) * step), round((j + 1) * step)))
                 .resize((size, size), resample) for j in range(tile_grid) for i in range(tile_grid)]  # fmt: skip
     side = min(w, h)
-    count = max(2, round(max(w, h) / side))
+    count = max(2, math.ceil(max(w, h) / side - 1e-9))  # round() left a gap at ratios such as 2.4 (2 tiles)
     long = max(w, h)
     starts = [round(k * (long - side) / (count - 1)) for k in range(count)]  # evenly spaced, overlapping if needed
     boxes = [(s, 0, s + side, side) if w >= h else (0, s, side, s + side) for s in starts]
