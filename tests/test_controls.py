@@ -231,6 +231,26 @@ def test_negative_images_and_noised_references_change_only_the_unconditional_bra
         prompter.detach()
 
 
+def test_negative_noise_does_not_depend_on_the_reference_size(setup):
+    ours, _, encoder, adapters = setup
+    a, _, _ = _refs()
+    big = a.resize((a.width * 16, a.height * 16), Image.Resampling.NEAREST)  # the same picture, 16x the side
+    adapter = IPAdapter.from_file(adapters["base"])
+    prompter = ImagePrompter(ours, adapter, encoder)
+    try:
+        def noise_reaching_the_encoder(image):  # unconditional tokens: noised reference vs clean reference
+            with torch.no_grad():
+                _, noised = prompter._prompt_tokens(0, [image], None, None, ImagePrompt(image=image, negative_noise=0.5), 0)
+                _, clean = prompter._prompt_tokens(0, [image], [image], None, ImagePrompt(image=image), 0)
+            return float((noised - clean).norm())
+
+        small, large = noise_reaching_the_encoder(a), noise_reaching_the_encoder(big)
+        assert 0.7 < large / small < 1.4  # noised at the encoder's input size, as ComfyUI's IPAdapterNoise
+        # (224 x 224); noised at the reference's own size, the 16x picture's noise was averaged to 0.46x
+    finally:
+        prompter.detach()
+
+
 def test_instantstyle_content_subtraction_removes_a_text_embedding(setup):
     ours, _, encoder, adapters = setup
     a, _, _ = _refs()

@@ -233,11 +233,14 @@ class ImagePrompter:
 
     # ---- encoding -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def features(self, images: Sequence, slot: int = 0, prep: str = "center_crop", masks=None) -> torch.Tensor:
+    def features(self, images: Sequence, slot: int = 0, prep: str = "center_crop", masks=None,
+                 noise: float = 0.0) -> torch.Tensor:  # fmt: skip
         """Encoder features of references (images, files, or precomputed feature tensors) for adapter `slot`:
         pooled (K, D) or penultimate (K, T, D). "tiles" preparation turns one image into several references.
         `masks`: one for every reference or one each; the encoder sees the reference's normalised pixels times the
-        mask (black hides), prepared like the reference (ComfyUI's encoder mask)."""
+        mask (black hides), prepared like the reference (ComfyUI's encoder mask). `noise` > 0: each prepared square
+        at the encoder's input size gets that much "fade" noise (`noise.noised_reference`), as ComfyUI's
+        IPAdapterNoise noises the 224 x 224 crop, so the strength does not depend on the reference's size."""
         adapter, encoder = self.adapters[slot], self.encoders[slot]
         feature = adapter.config.image_feature
         loaded = [load_image(x) if isinstance(x, (str, Path)) else _scaled(x) for x in images]
@@ -251,12 +254,15 @@ class ImagePrompter:
             raise ValueError("reference images need an ImageEncoder; pass one, or pass precomputed features")
         size = int(encoder.model.config.image_size)
         if masks is not None:
-            return encoder.encode(self._masked_pixels(loaded, masks, prep, size, encoder), feature)
+            return encoder.encode(self._masked_pixels(loaded, masks, prep, size, encoder, noise), feature)
+        if noise > 0:
+            return encoder.encode([noised_reference(s, noise) for x in loaded for s in prepare(x, prep, size)], feature)
         prepared = loaded if prep == "center_crop" else [p for x in loaded for p in prepare(x, prep, size)]
         return encoder.encode(prepared, feature)
 
     @staticmethod
-    def _masked_pixels(images: list, masks, prep: str, size: int, encoder: ImageEncoder) -> torch.Tensor:
+    def _masked_pixels(images: list, masks, prep: str, size: int, encoder: ImageEncoder,
+                       noise: float = 0.0) -> torch.Tensor:  # fmt: skip
         """(K', 3, S, S) normalised pixels of the prepared references times their prepared masks."""
         masks = [load_mask(m) for m in (masks if isinstance(masks, (list, tuple)) else [masks])]
         if len(masks) not in (1, len(images)):
@@ -267,7 +273,8 @@ class ImagePrompter:
             mask = Image.fromarray((m.numpy() * 255).round().astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
             # the same geometry for both: centre crop (the encoder's processor does the image's, as unmasked) / pad
             # (the padding stays as it is) / squash / tiles
-            shown = [image] if prep == "center_crop" else prepare(image, prep, size)
+            shown = [image] if prep == "center_crop" and noise == 0 else prepare(image, prep, size)
+            shown = [noised_reference(x, noise) for x in shown] if noise > 0 else shown
             seen = prepare(mask, prep, size, pad_color=(255, 255, 255))
             pixels.append(encoder.preprocess(shown))
             weights += [torch.from_numpy(np.asarray(s, dtype=np.float32)[..., 0] / 255.0) for s in seen]
@@ -307,8 +314,7 @@ class ImagePrompter:
                 images = [load_image(x) if isinstance(x, (str, Path)) else x for x in refs]
                 if not all(isinstance(x, Image.Image) for x in images):
                     raise ValueError("negative_noise needs reference images, not precomputed features")
-                uncond_feats = self.features([noised_reference(x, p.negative_noise) for x in images], slot, p.prep,
-                                             p.image_mask)  # fmt: skip
+                uncond_feats = self.features(images, slot, p.prep, p.image_mask, noise=p.negative_noise)
             elif encoder is not None:
                 uncond_feats = encoder.unconditional(feature, k).to(cond_feats)
             else:  # precomputed features without an encoder: zeros, as pooled training drops
