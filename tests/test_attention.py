@@ -262,6 +262,34 @@ def test_scaling_modes_put_the_scale_inside_the_attention(unet, mode):
         TokenGroup(tokens, scaling="k")
 
 
+def test_k_mean_v_penalty_takes_the_token_mean_per_concatenated_reference(unet):
+    import torch.nn.functional as F
+
+    from ipadapter.state import TokenGroup
+
+    adapter = _adapter(unet).attach(unet)
+    per_image = adapter.project(image=torch.randn(3, 40, generator=torch.Generator().manual_seed(3)))  # (3, T, C)
+    t = per_image.shape[1]
+    tokens = per_image.reshape(1, 3 * t, -1)  # three references concatenated (combine="concat")
+    branch = next(b for p in adapter._processors for b in p[1].image_branches if b.owner is adapter)
+    layer = branch.layer
+    query = torch.randn(1, 2, 5, layer.to_k_ip.out_features // 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        adapter.state.set_groups([TokenGroup(tokens, scaling="k_mean_v_penalty", segment=t,
+                                             layer_scales=[1.5] * adapter.config.num_layers)])  # fmt: skip
+        found = branch.attention(query)
+        k = layer.to_k_ip(tokens).view(1, -1, 2, query.shape[-1]).transpose(1, 2)
+        v = layer.to_v_ip(tokens).view(1, -1, 2, query.shape[-1]).transpose(1, 2)
+        w = 1.5 * layer.to_k_ip.out_features / 1280
+        # ComfyUI: ip_v is (images, T, C) before its attention joins the images' tokens; the mean is per image
+        mean = torch.cat([v[:, :, i * t:(i + 1) * t].mean(2, keepdim=True).expand(-1, -1, t, -1) for i in range(3)], 2)
+        expected = F.scaled_dot_product_attention(query, w * k, v - mean + w * mean)
+        pooled = v.mean(2, keepdim=True)
+        over_all = F.scaled_dot_product_attention(query, w * k, v - pooled + w * pooled)
+    assert torch.allclose(found, expected, atol=1e-6) and not torch.allclose(found, over_all, atol=1e-4)
+    adapter.detach()
+
+
 @pytest.mark.parametrize("variant", ["base", "plus"])
 def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, variant, monkeypatch):
     """Narrow layers add the image attention through block-diagonal matmuls instead of SDPA (faster at the tiny

@@ -178,7 +178,13 @@ class ImageBranch:
             k, v = self._keys_values(group, query, heads)
             w = scale if mode == "kv" else scale * heads * head_dim / 1280
             if mode == "k_mean_v_penalty":
-                mean = v.mean(dim=2, keepdim=True)  # (B, H, 1, Dh) over the image tokens
+                segment = self.state.groups[group].segment
+                tokens = v.shape[2]
+                if segment and tokens > segment and tokens % segment == 0:  # concatenated references: each its own
+                    parts = v.unflatten(2, (tokens // segment, segment))  # (B, H, K, T, Dh)
+                    mean = parts.mean(dim=3, keepdim=True).expand_as(parts).flatten(2, 3)
+                else:
+                    mean = v.mean(dim=2, keepdim=True)  # (B, H, 1, Dh) over the image tokens
                 kv = (k * w, v - mean + w * mean)
             else:
                 kv = (k * w, v * w)

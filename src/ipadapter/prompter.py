@@ -340,7 +340,8 @@ class ImagePrompter:
     @torch.no_grad()
     def groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
         """The token groups adapter `slot` gets for `p` in a call with `n_prompts` prompts."""
-        return [replace(g, scaling=p.scaling) for g in self._groups(slot, p, n_prompts, cfg)]
+        segment = self.adapters[slot].config.num_tokens  # tokens per reference (concat puts K side by side)
+        return [replace(g, scaling=p.scaling, segment=segment) for g in self._groups(slot, p, n_prompts, cfg)]
 
     def _groups(self, slot: int, p: ImagePrompt, n_prompts: int, cfg: bool) -> list[TokenGroup]:
         adapter = self.adapters[slot]

@@ -39,6 +39,8 @@ class TokenGroup:
     window: tuple[float, float] | None = None  # (start, end) fractions of the denoising; None: the adapter's
     mask: torch.Tensor | None = None  # (N or 1, H, W) in [0, 1]: where in the image this group acts; None: everywhere
     scaling: str = "v"  # where λ acts: "v" (on the output, the paper), "kv", "kv_penalty", "k_mean_v_penalty"
+    segment: int | None = None  # tokens per reference when several are concatenated: "k_mean_v_penalty" takes V's
+    # token mean per reference, as ComfyUI_IPAdapter_plus (its concat keeps one K/V row per image); None: all tokens
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
