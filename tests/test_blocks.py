@@ -81,7 +81,8 @@ def test_block_dicts_expand_like_diffusers(names):
     layer_names = names["sdxl"]
     for scales in ({"up": {"block_0": [0.0, 1.0, 0.0]}}, {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}},
                    {"down": 0.5, "mid": 0.25, "up": {"block_1": 0.75}}, {"up": {"block_1": [0.5]}},
-                   {"down": {"block_0": 1.0, "block_1": [0.5]}}):  # fmt: skip (SDXL's block_0 has no cross-attention)
+                   {"down": {"block_0": 1.0, "block_1": [0.5]}},  # (SDXL's block_0 has no cross-attention)
+                   {"down": [0.0, 1.0], "up": [0.0, 1.0, 0.5]}, {"down": [0.5], "mid": [0.25]}):  # fmt: skip
         (expanded,) = _maybe_expand_lora_scales(unet, [scales], default_scale=0.0)
         expected = []
         for name in layer_names:  # diffusers' set_ip_adapter_scale: the last matching prefix wins
@@ -100,6 +101,11 @@ def test_block_dicts_expand_like_diffusers(names):
         block_dict_weights(layer_names, {"up": {"block_1": [0, 1, 0, 5]}})
     with pytest.raises(ValueError, match=r"down takes keys block_0, block_1, ...; found 'blk_1'"):
         block_dict_weights(layer_names, {"down": {"blk_1": 1.0}})
+    with pytest.raises(ValueError, match=r"expected 2 scales for down \(one per transformer of each block\) or one for "
+                                         r"all, found 3"):  # fmt: skip
+        block_dict_weights(layer_names, {"down": [0, 1, 0]})
+    with pytest.raises(ValueError, match=r"up.block_0: per-image scale lists .* regions= and weights="):
+        block_dict_weights(layer_names, {"up": {"block_0": [[0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]}})
     assert layer_weights(layer_names, 0.5) == [0.5] * 70
 
 

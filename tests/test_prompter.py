@@ -131,6 +131,36 @@ def test_step_window(folders):
         adapter.state.set_window(0.8, 0.2)
 
 
+def test_diffusers_scale_cutoff_callback_is_a_window_one_step_longer(folders, tmp_path):
+    """IPAdapterScaleCutoffCallback(cutoff_step_ratio=r) zeroes the scale after step int(N r): end=(int(N r)+1)/N."""
+    from diffusers.callbacks import IPAdapterScaleCutoffCallback
+
+    base, encoder_folder, _ = folders
+    ours, theirs = _pipes(base, encoder_folder)
+    encoder = ImageEncoder.from_pretrained(encoder_folder)
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    adapter.save(tmp_path / "ip.bin", layout="official")
+    theirs.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.bin", image_encoder_folder=None)
+    reference = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    common = {"prompt": "a shape", "num_inference_steps": 4, "output_type": "np"}
+    prompter = ImagePrompter(ours, IPAdapter.from_file(tmp_path / "ip.bin"), encoder)
+    try:
+        for ratio in (0.25, 0.5):
+            theirs.set_ip_adapter_scale(0.8)  # (the callback leaves it at 0)
+            expected = theirs(ip_adapter_image=reference, generator=torch.Generator("cpu").manual_seed(1),
+                              callback_on_step_end=IPAdapterScaleCutoffCallback(cutoff_step_ratio=ratio),
+                              **common).images  # fmt: skip
+            found = prompter(image=reference, scale=0.8, end=(int(4 * ratio) + 1) / 4,
+                             generator=torch.Generator("cpu").manual_seed(1), **common).images  # fmt: skip
+            assert abs(expected - found).max() <= 1e-5, ratio
+    finally:
+        prompter.detach()
+
+
 def test_a_concat_adapter_acts_on_the_steps_of_its_window(folders):
     """The step is known before a concat adapter appends its tokens: with start=0.5 of 4 steps exactly the UNet
     calls of steps 2 and 3 get the image tokens (the tracker used to run after the adapter's pre-hook, so the window

@@ -184,9 +184,11 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
     """λ per adapted layer from a diffusers `set_ip_adapter_scale` dict, e.g.
     {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}} (unnamed transformers get 0).
 
-    "down"/"up" take a number (every block) or {"block_i": number, one number per transformer of block i, or a
-    one-element list for all of them}; "mid" takes a number (or a one-element list). As diffusers, a list of another
-    length is refused, a block without cross-attention ignored."""
+    "down"/"up" take a number (every block), a list (one number per transformer, the same for every block, or a
+    one-element list for all of them, as diffusers expands it) or {"block_i": number, one number per transformer of
+    block i, or a one-element list for all of them}; "mid" takes a number (or a one-element list). As diffusers, a
+    list of another length is refused, a block without cross-attention ignored. diffusers' per-image lists (a list
+    in place of a number, for masked images) are refused: `regions=` with `weights=` gives them."""
     unknown = set(scales) - {"down", "mid", "up"}
     if unknown:
         raise ValueError(f"block weights take the keys 'down', 'mid', 'up'; found {sorted(unknown)}")
@@ -196,9 +198,19 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
         per_block[(kind, block)] = max(per_block.get((kind, block), 0), index + 1)
     for side, kind in (("down", 0), ("up", 2)):  # diffusers' rules (`_maybe_expand_lora_scales`)
         part = scales.get(side)
+        if isinstance(part, (list, tuple)):  # diffusers: the same list for every block of that side
+            counts = {c for (k, _), c in per_block.items() if k == kind}
+            _check_numbers(side, part)
+            for count in counts:
+                if len(part) not in (1, count):
+                    raise ValueError(f"expected {count} scales for {side} (one per transformer of each block) or one "
+                                     f"for all, found {len(part)}")  # fmt: skip
+            continue
         if not isinstance(part, Mapping):
             continue
         for key, value in part.items():
+            if isinstance(value, (list, tuple)):
+                _check_numbers(f"{side}.{key}", value)
             if not (key.startswith("block_") and key[6:].isdigit()):
                 raise ValueError(f"{side} takes keys block_0, block_1, ...; found {key!r}")
             count = per_block.get((kind, int(key[6:])))  # None: no cross-attention there (ignored, as diffusers)
@@ -211,10 +223,14 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
         part = scales.get(("down", "mid", "up")[kind], 0.0)
         if kind == 1:
             if isinstance(part, (list, tuple)):
+                _check_numbers("mid", part)
                 if len(part) != 1:
                     raise ValueError(f"expected 1 scale for mid, found {len(part)}")
                 part = part[0]
             result.append(float(part))
+            continue
+        if isinstance(part, (list, tuple)):
+            result.append(float(part[0] if len(part) == 1 else part[index]))
             continue
         if not isinstance(part, Mapping):
             result.append(float(part))
@@ -224,6 +240,13 @@ def block_dict_weights(layer_names: Sequence[str], scales: Mapping) -> list[floa
             value = value[0] if len(value) == 1 else value[index]  # one number for all the block's transformers
         result.append(float(value))
     return result
+
+
+def _check_numbers(where: str, values: Sequence) -> None:
+    """A list of a block dict holds numbers; diffusers' per-image lists (for masked images) are named."""
+    if any(isinstance(v, (list, tuple)) for v in values):
+        raise ValueError(f"{where}: per-image scale lists (diffusers' form for masked images) are not block weights; "
+                         "pass the block weights as scale= and the images with regions= and weights=")  # fmt: skip
 
 
 def layer_weights(
