@@ -336,3 +336,34 @@ def test_layer_grids_follow_the_latent_and_a_misfit_mask_warns():
     assert weights[:, :4].min() > 0.9 and weights[:, 4:].max() < 0.1  # every row: left half in, right half out
     with pytest.warns(UserWarning, match="will not line up with the image"):
         downsample_mask(left, 64)  # size unknown: diffusers' rule, which cannot fit a 2:1 mask on 64 positions
+
+
+def test_a_mask_of_the_outputs_aspect_is_diffusers_grid_except_where_a_level_was_rounded_up(setup, monkeypatch):
+    """24x16 px (tiny VAE x2): latent 12x8 -> 6x4 -> 3x2 -> middle 2x1. diffusers derives the middle layer's grid
+    from the mask's aspect ratio (1x2, the mask on the wrong positions); ours reads it from the latent (2x1). With
+    the latent's size unknown ours falls back to diffusers' rule: then the pixels are diffusers'."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from ipadapter.state import layer_grid, mask_grid
+
+    assert layer_grid((12, 8), 2) == (2, 1) and mask_grid(24, 16, 2) == (1, 2)
+    ours, make_theirs, encoder, adapters = setup
+    a, _, _ = _refs()
+    left = np.zeros((24, 16), np.uint8)
+    left[:, :8] = 255
+    mask = IPAdapterMaskProcessor().preprocess([Image.fromarray(left)], height=24, width=16)  # (1, 1, 24, 16)
+    theirs = make_theirs()
+    theirs.load_ip_adapter(str(adapters["base"].parent), subfolder="", weight_name=adapters["base"].name,
+                           image_encoder_folder=None)  # fmt: skip
+    theirs.set_ip_adapter_scale(0.8)
+    size = {"height": 24, "width": 16}
+    expected = _run(theirs, ip_adapter_image=a, cross_attention_kwargs={"ip_adapter_masks": [mask]}, **size)
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        found = _run(prompter, image=a, scale=0.8, mask=mask[0, 0], **size)
+        assert abs(expected - found).max() > 1e-4  # the middle layer's mask sits elsewhere
+        monkeypatch.setattr(ImagePrompter, "_track_step", lambda *args, **kwargs: None)  # latent size unknown
+        fallback = _run(prompter, image=a, scale=0.8, mask=mask[0, 0], **size)
+        assert abs(expected - fallback).max() <= 1e-5
+    finally:
+        prompter.detach()

@@ -111,7 +111,9 @@ def downsample_mask(mask: torch.Tensor, num_queries: int, latent: tuple[int, int
 
     With the generation's latent size known (`latent`, recorded by `ImagePrompter` before each UNet call) the mask
     is stretched over the layer's real grid, whatever its own size; with a mask of the image's aspect ratio that is
-    the grid diffusers derives from the mask. Without it, diffusers' rule: the grid follows the mask's aspect ratio
+    the grid diffusers derives from the mask, except at levels whose grid was rounded up (odd sides halved), where
+    diffusers' rule gives another grid of the same area (e.g. 1x2 for a 2x1 layer) and ours the real one. Without
+    it, diffusers' rule: the grid follows the mask's aspect ratio
     and a mismatch is padded with zeros, with a warning (the mask then lands on the wrong positions)."""
     grid = layer_grid(latent, num_queries) if latent is not None else None
     mask_h, mask_w = grid if grid is not None else mask_grid(mask.shape[1], mask.shape[2], num_queries)
