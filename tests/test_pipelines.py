@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from parity_helpers import ours as _ours
+from parity_helpers import theirs as _theirs
 from PIL import Image
 from tiny_models import make_sd_folder, make_sdxl_folder, tiny_clip_vision
 
@@ -29,28 +31,6 @@ def sd(tmp_path_factory):
     return root, base, encoder_folder
 
 
-def _theirs(cls, base, encoder_folder, root, **extra):
-    from diffusers import DDIMScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    pipe = cls.from_pretrained(base, image_encoder=CLIPVisionModelWithProjection.from_pretrained(encoder_folder),
-                               feature_extractor=CLIPImageProcessor(size={"shortest_edge": 28},
-                                                                    crop_size={"height": 28, "width": 28}), **extra)  # fmt: skip
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(str(root), subfolder="", weight_name="ip.bin", image_encoder_folder=None)
-    return pipe
-
-
-def _ours(cls, base, **extra):
-    from diffusers import DDIMScheduler
-
-    pipe = cls.from_pretrained(base, **extra)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _images():
     reference = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
     start = Image.radial_gradient("L").resize((16, 16)).convert("RGB")
@@ -70,7 +50,7 @@ def test_same_pixels_as_diffusers_on_other_pipeline_kinds(sd, kind, tmp_path):
         cls, call = StableDiffusionImg2ImgPipeline, {"image": start, "strength": 0.7}
     else:
         cls, call = StableDiffusionInpaintPipeline, {"image": start, "mask_image": mask, "strength": 0.9}
-    theirs = _theirs(cls, base, encoder_folder, root, **extra)
+    theirs = _theirs(cls, base, encoder_folder, root, "ip.bin", **extra)
     theirs.set_ip_adapter_scale(0.7)
     common = {"prompt": "a red shape", "num_inference_steps": 4, "output_type": "np"}
     expected = theirs(ip_adapter_image=reference, generator=torch.Generator("cpu").manual_seed(3), **common,
@@ -125,7 +105,7 @@ def test_same_pixels_as_diffusers_on_sdxl(tmp_path):
         for p in adapter.parameters():
             p.add_(0.1 * torch.randn_like(p))
     adapter.save(tmp_path / "ip.bin", layout="official")
-    theirs = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path)
+    theirs = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path, "ip.bin")
     reference, _, _ = _images()
     common = {"prompt": "a red shape", "num_inference_steps": 3, "output_type": "np", "height": 16, "width": 16}
     theirs.set_ip_adapter_scale(0.8)
@@ -146,7 +126,7 @@ def test_same_pixels_as_diffusers_on_sdxl(tmp_path):
                  str(tmp_path / "ip.bin"), "--image-encoder", str(tmp_path / "image_encoder"), "--out",
                  str(tmp_path / "out")]) == 0  # fmt: skip
     cli = np.asarray(Image.open(tmp_path / "out" / "000002-000.png")).astype(int)
-    saved = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path)
+    saved = _theirs(StableDiffusionXLPipeline, base, tmp_path / "image_encoder", tmp_path, "ip.bin")
     saved.scheduler = StableDiffusionXLPipeline.from_pretrained(base).scheduler  # the folder's own, as the CLI uses
     saved.set_ip_adapter_scale(0.8)
     run = {**common, "ip_adapter_image": reference}

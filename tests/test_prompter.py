@@ -135,14 +135,8 @@ def test_diffusers_scale_cutoff_callback_is_a_window_one_step_longer(folders, tm
     """IPAdapterScaleCutoffCallback(cutoff_step_ratio=r) zeroes the scale after step int(N r): end=(int(N r)+1)/N."""
     from diffusers.callbacks import IPAdapterScaleCutoffCallback
 
-    base, encoder_folder, _ = folders
-    ours, theirs = _pipes(base, encoder_folder)
-    encoder = ImageEncoder.from_pretrained(encoder_folder)
-    torch.manual_seed(0)
-    adapter = IPAdapter.for_unet(ours.unet, "base", image_embed_dim=encoder.pooled_dim)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    ours, adapter, encoder = _perturbed_base_adapter(folders)
+    _, theirs = _pipes(*folders[:2])
     adapter.save(tmp_path / "ip.bin", layout="official")
     theirs.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip.bin", image_encoder_folder=None)
     reference = Image.effect_mandelbrot((40, 30), (-2, -1.2, 1, 1.2), 20).convert("RGB")
