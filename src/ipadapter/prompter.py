@@ -39,7 +39,7 @@ from .encoders import ImageEncoder, check_encoder
 from .images import load_image, to_8bit
 from .noise import noised_reference
 from .references import prepare
-from .state import TokenGroup, check_window
+from .state import BatchLayout, TokenGroup, check_window
 
 ImageInput = Image.Image | torch.Tensor
 MaskInput = Image.Image | torch.Tensor | np.ndarray | str | Path
@@ -226,6 +226,21 @@ class ImagePrompter:
                 own = next(a.parameters(), None)
                 if own is not None and own.device != param.device:
                     a.to(param.device)
+
+    def batch_layout(self, images: int, call: dict) -> BatchLayout:
+        """How the pipeline stacks its UNet batch for a call generating `images` images (`state.BatchLayout`), so that
+        every chunk gets its own tokens: [uncond, cond] with classifier-free guidance and [cond] without it, also
+        when a callback switches guidance off during the generation (diffusers' "dynamic CFG": the batch halves);
+        perturbed-attention guidance (diffusers' PAG pipelines) adds a chunk of conditional rows, [uncond, cond, cond]
+        or [cond, cond]; InstructPix2Pix stacks [cond, uncond, uncond] (text and image guidance)."""
+        if "InstructPix2Pix" in type(self.pipe).__name__:
+            return BatchLayout(images, {1: "c", 3: "cuu"})
+        if hasattr(self.pipe, "_prepare_perturbed_attention_guidance"):  # diffusers' PAGMixin
+            default = inspect.signature(self.pipe.__call__).parameters.get("pag_scale")
+            pag_scale = call.get("pag_scale", 0.0 if default is None else default.default)
+            if pag_scale > 0:
+                return BatchLayout(images, {1: "c", 2: "cc", 3: "ucc"})
+        return BatchLayout(images, {1: "c", 2: "uc"})
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
         # diffusers' rule (`do_classifier_free_guidance`): guidance > 1 and no guidance-embedding UNet.
@@ -519,9 +534,11 @@ class ImagePrompter:
         else:
             n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         cfg = self._uses_cfg(guidance_scale)
+        layout = self.batch_layout(n_prompts * num_images_per_prompt, controls)
         try:
             for slot, p in enumerate(prompts):
                 self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))
+                self.adapters[slot].state.layout = layout
             # the step is tracked only where a step window needs it (a few tensor ops per step), the latent's size
             # where a mask does (its grid at each layer)
             hook = None
@@ -544,6 +561,7 @@ class ImagePrompter:
         finally:
             for a in self.adapters:
                 a.state.clear()
+                a.state.layout = None
                 a.state.progress = None
                 a.state.latent_size = None
                 a.state.step_tracked = False

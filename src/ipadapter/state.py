@@ -13,6 +13,10 @@ Batch rule: a group's `cond` holds N rows (one per prompt). A UNet batch of N*r 
 (`num_images_per_prompt`, in diffusers' order p0,p0,p1,p1). When `uncond` is set, the UNet batch is a
 classifier-free-guidance batch: its first half gets `uncond`, its second half `cond`, as diffusers pipelines
 concatenate [negative, positive]. Masks (N or 1 rows) follow the same rule, the same mask in both halves.
+A caller that knows how its pipeline stacks the UNet batch sets a `BatchLayout` instead (`ImagePrompter` does):
+equal chunks of M rows (M = prompts x images per prompt), each unconditional or conditional, chosen by the number of
+chunks in a call: perturbed-attention guidance's [uncond, cond, cond], InstructPix2Pix's [cond, uncond, uncond], or
+a guidance switched off by a callback during the generation (one chunk from then on).
 """
 
 from __future__ import annotations
@@ -66,9 +70,49 @@ def check_window(start: float, end: float) -> None:
         raise ValueError(f"expected 0 <= start <= end <= 1, found start={start}, end={end}")
 
 
-def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, cfg: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a pipeline stacks its UNet batch: chunks of `images` rows each (prompts x images per prompt, in
+    diffusers' order p0,p0,p1,p1), of the kinds `chunks[k]` names for a batch of k chunks, one letter per chunk:
+    "u" unconditional, "c" conditional. E.g. {1: "c", 2: "uc"} for classifier-free guidance that a callback may
+    switch off, {2: "cc", 3: "ucc"} for perturbed-attention guidance (its perturbed rows are conditional)."""
+
+    images: int
+    chunks: dict[int, str]
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or any(k < 1 or len(v) != k or set(v) - {"u", "c"} for k, v in self.chunks.items()):
+            raise ValueError(f"expected images >= 1 and k letters u/c for k chunks; found {self.images}, {self.chunks}")
+
+    def kinds(self, batch_size: int) -> str:
+        """The chunk kinds of a UNet batch of `batch_size` rows, or a ValueError naming the layouts expected."""
+        k, rest = divmod(batch_size, self.images)
+        if rest or k not in self.chunks:
+            fits = sorted(self.chunks.items())
+            expected = ", ".join(f"{n * self.images} ({'+'.join(KIND[c] for c in v)})" for n, v in fits)
+            raise ValueError(
+                f"UNet batch of {batch_size} rows does not fit this pipeline's layout for {self.images} images: "
+                f"expected {expected} rows"
+            )
+        return self.chunks[k]
+
+
+KIND = {"u": "unconditional", "c": "conditional"}
+
+
+def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, cfg: bool,
+             layout: BatchLayout | None = None) -> torch.Tensor:  # fmt: skip
     """Expands per-prompt rows (N, ...) to a UNet batch of `batch_size` rows (see the module's batch rule)."""
     n = rows.shape[0]
+    if layout is not None:
+        kinds = layout.kinds(batch_size)
+        if layout.images % n:
+            raise ValueError(f"{layout.images} images per chunk do not divide into the {n} image prompts set")
+        r = layout.images // n
+        chunk = {c: (rows if c == "c" or uncond is None else uncond) for c in set(kinds)}
+        if r > 1:
+            chunk = {c: x.repeat_interleave(r, dim=0) for c, x in chunk.items()}
+        return chunk[kinds] if len(kinds) == 1 else torch.cat([chunk[c] for c in kinds])
     if not cfg:
         if batch_size % n:
             raise ValueError(f"UNet batch of {batch_size} rows does not divide into the {n} image prompts set")
@@ -76,9 +120,10 @@ def rows_for(rows: torch.Tensor, uncond: torch.Tensor | None, batch_size: int, c
     if batch_size % (2 * n):
         raise ValueError(
             f"UNet batch of {batch_size} rows is not a CFG batch (2 x multiple of {n}: unconditional rows, then "
-            f"conditional rows) for the {n} image prompts set with unconditional tokens. Other batch layouts (e.g. "
-            "InstructPix2Pix's three rows, perturbed-attention guidance's extra rows, guidance switched off during a "
-            "generation) are not supported; set uncond=None when classifier-free guidance is off"
+            f"conditional rows) for the {n} image prompts set with unconditional tokens: set uncond=None when "
+            "classifier-free guidance is off; for other layouts (e.g. InstructPix2Pix's three chunks, perturbed-"
+            "attention guidance's extra rows, guidance switched off during a generation) run the pipeline through "
+            "ImagePrompter or set `adapter.state.layout` (a BatchLayout)"
         )
     r = batch_size // (2 * n)
     first = rows if uncond is None else uncond
@@ -149,6 +194,7 @@ class PromptState:
         self._inside: dict[tuple[float, float], bool] | None = None  # each window: does it hold that step?
         self.step_tracked = False  # whether a caller (ImagePrompter) sets `progress` before UNet calls that need it
         self.latent_size: tuple[int, int] | None = None  # (H, W) of the UNet's input, when known (masks' grids)
+        self._layout: BatchLayout | None = None  # how the pipeline stacks its UNet batch; None: the module's rule
         self.use_cache = True  # reuse image keys/values across denoising steps when no gradient is needed
         self._cache: dict[tuple, object] = {}  # image keys/values and masks, kept until the tokens change
         # What each attached layer does now (`attention.ImageBranch.acting` / `terms`), derived from the above and
@@ -194,6 +240,16 @@ class PromptState:
     def clear(self) -> None:
         self.set_groups([])
 
+    @property
+    def layout(self) -> BatchLayout | None:
+        return self._layout
+
+    @layout.setter
+    def layout(self, value: BatchLayout | None) -> None:
+        if value != self._layout:
+            self._layout = value
+            self._cache.clear()  # rows per batch size follow the layout
+
     def _check_set(self) -> None:
         if not self.groups:
             raise ValueError(
@@ -217,7 +273,7 @@ class PromptState:
         found = self._cache.get(key) if keep else None
         if found is None:
             g = self.groups[group]
-            found = rows_for(g.cond, g.uncond, batch_size, cfg=g.uncond is not None)
+            found = rows_for(g.cond, g.uncond, batch_size, cfg=g.uncond is not None, layout=self._layout)
             if keep:
                 self._cache[key] = found  # every layer attends to the same rows
         return found  # type: ignore[return-value]
@@ -234,7 +290,7 @@ class PromptState:
             small = downsample_mask(g.mask, num_queries, self.latent_size)  # (N or 1, Q, 1)
             if small.shape[0] == 1 and g.cond.shape[0] > 1:
                 small = small.expand(g.cond.shape[0], -1, -1)
-            found = rows_for(small, None, batch_size, cfg=g.uncond is not None)
+            found = rows_for(small, None, batch_size, cfg=g.uncond is not None, layout=self._layout)
             if keep:
                 self._cache[key] = found
         return found  # type: ignore[return-value]
