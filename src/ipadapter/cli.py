@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insightface-root", help="insightface root holding models/buffalo_l (default: ~/.insightface)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")
+    p.add_argument("--pag-scale", type=float, help="perturbed-attention guidance scale (default: 0, off; diffusers' "
+                   "PAG pipelines, e.g. 3.0)")
+    p.add_argument("--pag-layers", nargs="+", help="with --pag-scale: self-attention layers PAG perturbs, patterns of "
+                   "UNet module names (default: mid; e.g. down_blocks.2 up_blocks.0)")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the pipeline's)")
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the pipeline's)")
     p.add_argument("--seed", type=int, help='seed of torch.Generator("cpu") (default: 0)')

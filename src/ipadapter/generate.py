@@ -51,6 +51,8 @@ class GenerateConfig:
     end: float = 1.0  # ... up to this fraction
     steps: int | None = None  # denoising steps (default: the pipeline's)
     guidance: float | None = None  # classifier-free guidance (default: the pipeline's)
+    pag_scale: float = 0.0  # > 0: perturbed-attention guidance of this scale (diffusers' PAG pipeline of the base)
+    pag_layers: list[str] = field(default_factory=list)  # self-attention layers PAG perturbs (default: diffusers' mid)
     width: int | None = None  # image width in pixels, a multiple of 8 (default: the pipeline's; not for --init-image)
     height: int | None = None  # image height in pixels, a multiple of 8 (default: the pipeline's; not for --init-image)
     seed: int = 0  # torch.Generator("cpu").manual_seed(seed), as diffusers users write it
@@ -115,7 +117,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("--width / --height do not apply with --init-image: image-to-image keeps the init image's size")
     numbers = {"--scale": cfg.scale, "--composition-scale": cfg.composition_scale, "--boost": cfg.boost,
                "--content-scale": cfg.content_scale, "--guidance": cfg.guidance, "--controlnet-scale": cfg.controlnet_scale,
-               "--weights": sum(cfg.weights), "--s-scale": cfg.s_scale}  # fmt: skip
+               "--weights": sum(cfg.weights), "--s-scale": cfg.s_scale, "--pag-scale": cfg.pag_scale}  # fmt: skip
     for flag, value in numbers.items():
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} must be a finite number, found {value}")
@@ -185,6 +187,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
                              f"{cfg.save_embeds}")  # fmt: skip
         if Path(cfg.save_embeds).exists():
             raise ValueError(f"--save-embeds {cfg.save_embeds} exists; it is not replaced (remove it or name a new file)")
+    check_pag(cfg)
     check_seed(cfg.seed)
     check_device(cfg.device)
     if cfg.init_image and cfg.steps is not None:
@@ -197,6 +200,61 @@ def check_inputs(cfg: GenerateConfig) -> None:
                              f"rounded down to multiples of {factor} (the VAE's downsampling): expected at least "
                              f"{factor} px a side")  # fmt: skip
     check_models(cfg)
+
+
+def pag_pipeline_names(cfg: GenerateConfig) -> tuple[str, list[str]]:
+    """(the kind of generation, diffusers' AutoPipeline keys its PAG pipeline may have for this base and ControlNet:
+    both families' for a base not on disk)."""
+    kind = "inpaint" if cfg.inpaint_mask else "image2image" if cfg.init_image else "text2image"
+    family = base_family(cfg)
+    families = {"sdxl": ["stable-diffusion-xl"], "unknown": ["stable-diffusion", "stable-diffusion-xl"]}.get(
+        family, ["stable-diffusion"])
+    return kind, [f"{f}{'-controlnet' if cfg.controlnet else ''}-pag" for f in families]
+
+
+def check_pag(cfg: GenerateConfig) -> None:
+    """--pag-scale / --pag-layers: a scale >= 0, layer patterns that compile, and a PAG pipeline in diffusers for
+    this kind of generation (it has none for SD1.5 ControlNet image-to-image, nor SDXL ControlNet inpainting)."""
+    import re
+
+    if cfg.pag_scale < 0:
+        raise ValueError(f"--pag-scale must be >= 0 (0: off), found {cfg.pag_scale}")
+    if cfg.pag_layers and cfg.pag_scale == 0:
+        raise ValueError("--pag-layers chooses the layers of perturbed-attention guidance; it acts only with --pag-scale > 0")
+    for layer in cfg.pag_layers:
+        try:
+            re.compile(layer)
+        except re.error as error:
+            raise ValueError(f"--pag-layers {layer!r} is not a valid pattern of layer names ({error})") from error
+    if cfg.pag_scale > 0:
+        from diffusers.pipelines import auto_pipeline
+
+        kind, names = pag_pipeline_names(cfg)
+        mapping = {"text2image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+                   "image2image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+                   "inpaint": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING}[kind]  # fmt: skip
+        if not any(name in mapping for name in names):
+            name = names[0] if len(names) == 1 else " / ".join(names)
+            have = sorted(k for k in mapping if k.startswith("stable-diffusion") and k.endswith("-pag")
+                          and not k.startswith("stable-diffusion-3"))  # fmt: skip
+            raise ValueError(f"--pag-scale: diffusers has no perturbed-attention guidance pipeline for {kind} with "
+                             f"this base{' and a ControlNet' if cfg.controlnet else ''} ({name}); it has "
+                             f"{', '.join(have)}")  # fmt: skip
+
+
+def check_pag_layers(unet, layers: list[str]) -> None:
+    """Each --pag-layers pattern names a self-attention layer of the UNet (diffusers' rule: a regular expression
+    searched in the module names), checked when the UNet is loaded rather than at the first denoising step."""
+    import re
+
+    from diffusers.models.attention_processor import Attention
+
+    names = [n for n, m in unet.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+    for layer in layers:
+        if not any(re.search(layer, n) for n in names):
+            blocks = sorted({n.split(".attentions")[0] for n in names})
+            raise ValueError(f"--pag-layers {layer!r} names no self-attention layer of this UNet; its blocks with "
+                             f"self-attention: {', '.join(blocks)} (e.g. mid, down_blocks.2, up_blocks.1)")  # fmt: skip
 
 
 def vae_factor(base: str) -> int:
@@ -438,7 +496,11 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         from diffusers import ControlNetModel
 
         controlnet = ControlNetModel.from_pretrained(cfg.controlnet, **diffusers_dtype(dtype))
-    pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config)
+    pag = {"enable_pag": True, "pag_applied_layers": cfg.pag_layers or ["mid"]} if cfg.pag_scale > 0 else {}
+    pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config,
+                         **pag)  # fmt: skip
+    if pag:
+        check_pag_layers(pipe.unet, pag["pag_applied_layers"])
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
     steps = cfg.steps if cfg.steps is not None else defaults["num_inference_steps"].default
@@ -471,6 +533,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     kwargs: dict = {"negative_prompt": cfg.negative_prompt or None, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
     kwargs.update({k: v for k, v in (("width", cfg.width), ("height", cfg.height)) if v is not None})
+    if cfg.pag_scale > 0:
+        kwargs.update(pag_scale=cfg.pag_scale)
     if cfg.init_image:
         kwargs.update(image=load_image(cfg.init_image), strength=cfg.strength)
     if cfg.inpaint_mask:
@@ -511,7 +575,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     params = {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "steps": steps, "guidance": guidance}
     meta.add_text("ipadapter", json.dumps(params))
     meta.add_text("parameters", f"{cfg.prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {steps}, "
-                                f"CFG scale: {guidance}, Seed: {cfg.seed}, IP-Adapter: {cfg.adapter} ({cfg.scale})")
+                                f"CFG scale: {guidance}, Seed: {cfg.seed}, IP-Adapter: {cfg.adapter} ({cfg.scale})"
+                                + (f", PAG scale: {cfg.pag_scale}" if cfg.pag_scale > 0 else ""))  # fmt: skip
     paths = output_paths(out, cfg.seed, len(images))
     for path, image in zip(paths, images):
         image.save(path, pnginfo=meta)
