@@ -295,6 +295,12 @@ def test_single_file_base_gives_the_folders_pixels(setup, tmp_path):
     a = np.asarray(Image.open(tmp_path / "folder" / "000004-000.png")).astype(int)
     b = np.asarray(Image.open(tmp_path / "file" / "000004-000.png")).astype(int)
     assert np.abs(a - b).max() <= 1
+    pag = ["--pag-scale", "2", "--pag-layers", "down"]  # the PAG pipeline made from the single file's pipeline
+    assert main([*common, *pag, "--base", base, "--out", str(tmp_path / "folder-pag")]) == 0
+    assert main([*common, *pag, "--base", str(single), "--base-config", base, "--out", str(tmp_path / "file-pag")]) == 0
+    c = np.asarray(Image.open(tmp_path / "folder-pag" / "000004-000.png")).astype(int)
+    d = np.asarray(Image.open(tmp_path / "file-pag" / "000004-000.png")).astype(int)
+    assert np.abs(c - d).max() <= 1 and np.abs(a - c).max() > 3
 
 
 def test_a_single_files_family_comes_from_its_tensors_or_its_config_not_its_name(tmp_path, monkeypatch):

@@ -200,6 +200,9 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
     if kind not in classes:
         raise ValueError(f"kind must be one of {sorted(classes)}, found {kind!r}")
     extra = {"controlnet": controlnet} if controlnet is not None else {}
+    # AutoPipeline's own options (e.g. enable_pag, pag_applied_layers: the PAG variant of the pipeline) choose the
+    # class, so they go where the class is chosen: from_pipe for a single file
+    extra.update({k: kwargs.pop(k) for k in ("enable_pag", "pag_applied_layers") if k in kwargs})
     p = Path(path)
     check_base(path)
     if p.is_file():
