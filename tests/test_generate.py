@@ -351,6 +351,11 @@ def test_a_base_that_is_not_a_model_is_named_before_any_model_work(setup, tmp_pa
     for bad, message in cases:
         assert main([*common, "--base", bad]) == 2
         assert re.search(message, capsys.readouterr().err)
+    # owner/name: a hub id, or a relative folder that is not there (offline, not cached): both named
+    monkeypatch.chdir(tmp_path)
+    assert main([*common, "--base", "models/sd15"]) == 2
+    assert "pass --image-encoder (the base models/sd15 is not a local folder: no image_encoder/ is looked for beside " \
+           "a hub id, and a folder of that name does not exist here)" in capsys.readouterr().err  # fmt: skip
     monkeypatch.undo()
     # a real single file without --base-config, offline: diffusers cannot fetch its configs; the error says what to pass
     single = save_ldm_checkpoint(base, tmp_path / "model.safetensors")

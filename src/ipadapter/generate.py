@@ -346,7 +346,7 @@ def check_models(cfg: GenerateConfig) -> None:
     from .checkpoint import adapter_from_tensors, read_tensors
     from .embeds import check_embeds
     from .encoders import check_encoder_folder
-    from .sources import check_base, resolve_adapter, resolve_image_encoder
+    from .sources import check_base, resolve_adapter, resolve_base, resolve_image_encoder
 
     path = Path(resolve_adapter(cfg.adapter))
     tensors, metadata = read_tensors(path, shapes_only=True)
@@ -391,8 +391,11 @@ def check_models(cfg: GenerateConfig) -> None:
         encoder = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not encoder and not cfg.embeds:
             check_base(cfg.base)  # a base that does not exist is named as such
+            where = "has no image_encoder/ folder" if Path(resolve_base(cfg.base)).exists() else \
+                "is not a local folder: no image_encoder/ is looked for beside a hub id, and a folder of that name " \
+                "does not exist here"  # (owner/name, a hub id, is also how a relative path looks)  # fmt: skip
             raise ValueError(f"{name} needs {found.image_encoder_name}; pass --image-encoder (the base {cfg.base} "
-                             "has no image_encoder/ folder)")  # fmt: skip
+                             f"{where})")  # fmt: skip
         if encoder:
             check_encoder_folder(found, encoder)
     if cfg.embeds:
