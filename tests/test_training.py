@@ -583,10 +583,12 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_saved_step(comp
     load_adapter(saved / "adapter.safetensors")
 
 
-@pytest.mark.parametrize("variant", ["full", "faceid"])
+@pytest.mark.parametrize("variant", ["full", "faceid", "faceid_plusv2"])
 def test_full_and_faceid_variants_train(world, tmp_path, variant):
+    """... and validate: FaceID variants generate from each reference's face embedding (and its image, for
+    FaceID-Plus), scored where the variant has an image encoder (plain FaceID: the grid alone)."""
     data = world["data"]
-    if variant == "faceid":  # precomputed face embeddings, one file per image, as the official FaceID trainer
+    if variant.startswith("faceid"):  # precomputed face embeddings, one file per image, as the official FaceID trainer
         from safetensors.torch import save_file
 
         items = []
@@ -596,10 +598,13 @@ def test_full_and_faceid_variants_train(world, tmp_path, variant):
             items.append({"image_file": r.image_path, "text": r.text, "id_embed_file": str(face)})
         (tmp_path / "faces.json").write_text(json.dumps(items))
         data = str(tmp_path / "faces.json")
-    final = train(_cfg(world, tmp_path / "run", variant=variant, data=data, max_steps=2), show_progress=False)
+    final = train(_cfg(world, tmp_path / "run", variant=variant, data=data, max_steps=2, validate_every=2,
+                       validation_images=2, validation_steps=2), show_progress=False)  # fmt: skip
     adapter = load_adapter(final / "adapter.safetensors")
-    assert adapter.config.projection == ("mlp" if variant == "full" else "faceid")
-    assert (adapter.lora is not None) == (variant == "faceid")  # FaceID trains its rank-128 LoRA too
+    assert adapter.config.projection == {"full": "mlp", "faceid": "faceid", "faceid_plusv2": "faceid_plus"}[variant]
+    assert (adapter.lora is not None) == variant.startswith("faceid")  # FaceID trains its rank-128 LoRA too
+    assert (tmp_path / "run" / "validation" / "step-0000002.png").is_file()
+    assert (tmp_path / "run" / "validation" / "scores.tsv").is_file() == (variant != "faceid")
 
 
 def test_data_with_nothing_usable_stops_with_a_clear_error_instead_of_looping(world, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import Record, open_image
+from .data import Record, open_image, read_face_id
 
 
 def build_pipeline(models):
@@ -36,31 +36,49 @@ def clip_image_similarity(encoder, generated: list[Image.Image], references: lis
 
 @torch.no_grad()
 def validate(trainer, records: list[Record]) -> float | None:
-    """Image-only generations (scale 1, empty text) from each validation reference; returns CLIP-I or None."""
+    """Image-only generations (scale 1, empty text) from each validation reference (with its face embedding for
+    FaceID variants), saved as a grid; returns CLIP-I, or None where the variant has no image encoder to score with
+    (plain FaceID, FaceID-Portrait: the grid alone) or no record could be read."""
     from ..prompter import ImagePrompter
 
     models, cfg = trainer.models, trainer.cfg
-    references = [img for img in (open_image(r) for r in records) if img is not None]
-    if not references or models.image_encoder is None:
+    pairs = []  # (reference image, its face embedding or None)
+    for record in records:
+        image = open_image(record)
+        if image is None:
+            continue
+        face = None
+        if trainer.variant.id_embed_dim:
+            try:
+                face = read_face_id(record)
+            except ValueError:  # an unreadable embedding: the record is skipped, as in training
+                continue
+        pairs.append((image, face))
+    if not pairs:
         return None
+    references = [image for image, _ in pairs]
+    encoder = models.image_encoder
     adapter = trainer.accelerator.unwrap_model(trainer.module).adapter
     adapter.eval()
     pipe = build_pipeline(models)
     pipe.set_progress_bar_config(disable=True)
-    prompter = ImagePrompter(pipe, adapter, models.image_encoder)
+    prompter = ImagePrompter(pipe, adapter, encoder)
     # With mixed precision the frozen encoders are half precision and the UNet float32, as in training, where
     # Accelerate's autocast joins them: generate under the same autocast.
     dtype = trainer._weight_dtype()
     amp = torch.autocast(trainer.accelerator.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     generated = []
-    for i, reference in enumerate(references):
-        g = torch.Generator("cpu").manual_seed((cfg.seed + i) % 2**64)
-        with amp:
-            out = prompter(image=reference, prompt="", scale=1.0, num_inference_steps=cfg.validation_steps,
-                           height=cfg.resolution, width=cfg.resolution, generator=g)
-        generated.append(out.images[0])
-    adapter.train()
-    score = clip_image_similarity(models.image_encoder, generated, references)
+    try:
+        for i, (reference, face) in enumerate(pairs):
+            g = torch.Generator("cpu").manual_seed((cfg.seed + i) % 2**64)
+            with amp:
+                out = prompter(image=reference if encoder is not None else None, face_id=face, prompt="", scale=1.0,
+                               num_inference_steps=cfg.validation_steps, height=cfg.resolution, width=cfg.resolution,
+                               generator=g)  # fmt: skip
+            generated.append(out.images[0])
+    finally:  # (the adapter stays attached: it is the training UNet's)
+        adapter.train()
+    score = clip_image_similarity(encoder, generated, references) if encoder is not None else None
     folder = Path(cfg.output) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.resolution
@@ -69,6 +87,7 @@ def validate(trainer, records: list[Record]) -> float | None:
         grid.paste(ref.resize((size, size)), (i * size, 0))
         grid.paste(gen.resize((size, size)), (i * size, size))
     grid.save(folder / f"step-{trainer.step:07d}.png")
-    with (folder / "scores.tsv").open("a") as f:
-        f.write(f"{trainer.step}\t{score:.4f}\n")
+    if score is not None:
+        with (folder / "scores.tsv").open("a") as f:
+            f.write(f"{trainer.step}\t{score:.4f}\n")
     return score
