@@ -146,6 +146,43 @@ def test_resume_is_exact(world, tmp_path):
         train(_cfg(world, tmp_path / "b", max_steps=6), show_progress=False)
 
 
+def test_a_resume_takes_new_rates_and_refuses_other_samples(world, tmp_path):
+    """What may change on resume (learning rate, weight decay: they were restored from the checkpoint, silently) and
+    what may not: other data, seed or resolution (the saved position counts into the run's own course of samples),
+    or a --max-steps the checkpoint has reached. The same data moved elsewhere resumes."""
+    import shutil
+
+    from ipadapter.training.loop import Trainer
+
+    data = Path(shutil.copytree(world["data"], tmp_path / "data"))
+    run = tmp_path / "run"
+    train(_cfg(world, run, data=str(data), max_steps=2, warmup_steps=4), show_progress=False)
+    trainer = Trainer(_cfg(world, run, data=str(data), max_steps=3, warmup_steps=4, resume="latest",
+                           learning_rate=5e-3, weight_decay=0.5), show_progress=False)  # fmt: skip
+    trainer.setup()
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (5e-3 * 3 / 4, 0.5)  # the third step of a 4-step warm-up
+    trainer.adapter.detach()
+    moved = Path(shutil.move(str(data), tmp_path / "moved"))
+    other = Path(make_world_folder(tmp_path / "other", 8, seed=3))
+    recaptioned = Path(shutil.copytree(moved, tmp_path / "recaptioned"))
+    next(iter(sorted(recaptioned.glob("*.txt")))).write_text("another caption")
+    for changes, message in (({"data": str(other)}, r"trained on other data than --data .*other \(16 records there, "
+                                                    r"8 now\).* --init-adapter .*checkpoint-2/adapter.safetensors"),
+                             ({"data": str(recaptioned)}, r"\(the same number of records, other names, captions"),
+                             ({"seed": 7}, r"made with other settings \(--seed: 0 there, 7 now\)"),
+                             ({"resolution": 24}, r"--resolution: 16 there, 24 now"),
+                             ({"max_steps": 2}, r"checkpoint-2 is at step 2, already at --max-steps 2: nothing to train"),
+                             ({"image_root": str(tmp_path)}, r"--image-root is the folder of a JSON / JSONL list's "
+                                                             r"image_file paths; --data .* is a folder of images")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            train(_cfg(world, run, **{"data": str(moved), "max_steps": 3, "resume": "latest", **changes}),
+                  show_progress=False)  # fmt: skip
+    assert [c.name for c in list_checkpoints(run)] == ["checkpoint-2"]  # nothing rewritten
+    final = train(_cfg(world, run, data=str(moved), max_steps=3, resume="latest"), show_progress=False)
+    assert final.name == "checkpoint-3"
+
+
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_usable(world, tmp_path):
     first = train(_cfg(world, tmp_path / "run", max_steps=2), show_progress=False)
     child = f"""
@@ -237,6 +274,28 @@ def test_malformed_data_files_name_the_file_and_line(tmp_path):
     (tmp_path / "items.json").write_text('[{"text": "no image"}]')
     with pytest.raises(ValueError, match=r"item 0 must be an object with 'image_file'"):
         read_records(str(tmp_path / "items.json"))
+    # a caption that is not a string was trained on as its repr ("['a', 'list']"); JSONL names the line
+    (tmp_path / "data.jsonl").write_text('{"image_file": "a.png", "text": "a"}\n\n{"image_file": "b.png", "text": ["a", "list"]}\n')
+    with pytest.raises(ValueError, match=r"data.jsonl: line 3: 'text' must be a string \(or null: no caption\), found \['a', 'list'\]"):
+        read_records(str(tmp_path / "data.jsonl"))
+
+
+def test_data_as_editors_and_file_systems_leave_it(world, tmp_path):
+    """Linked sub-folders (a dataset assembled without copying; they were left out silently), files with a UTF-8
+    byte-order mark (a caption kept it; a JSON list was refused), an upper-case .JSON suffix (refused)."""
+    records = read_records(world["data"])
+    folder = tmp_path / "assembled"
+    folder.mkdir()
+    (folder / "linked").symlink_to(Path(world["data"]).resolve(), target_is_directory=True)
+    (folder / "loop").symlink_to(folder.resolve(), target_is_directory=True)  # a link back: read once
+    (folder / "own.png").write_bytes(Path(records[0].image_path).read_bytes())
+    (folder / "own.txt").write_bytes("\ufeffa caption with a BOM".encode())
+    got = read_records(str(folder))
+    assert [r.key for r in got] == [f"linked/{r.key}" for r in records] + ["own.png"]
+    assert got[-1].text == "a caption with a BOM"
+    items = [{"image_file": r.image_path, "text": r.text} for r in records[:2]]
+    (tmp_path / "DATA.JSON").write_bytes(b"\xef\xbb\xbf" + json.dumps(items).encode())
+    assert [r.text for r in read_records(str(tmp_path / "DATA.JSON"))] == [r.text for r in records[:2]]
 
 
 def test_config_file_is_read_overridden_by_flags_and_checked(tmp_path):
@@ -297,6 +356,15 @@ def test_webdataset_training_streams(world, tmp_path):
             tar.add(tmp_path / f"{stem}.txt", arcname=f"{stem}.txt")
     final = train(_cfg(world, tmp_path / "run", data=str(tmp_path / "shard-000.tar"), max_steps=5), show_progress=False)
     assert torch.load(final / "training_state.pt", weights_only=True)["epoch"] >= 1  # 5 x 4 > 16: wrapped around
+    # the stream's ragged end is dropped, as finite data's (a short batch left later processes an empty slice, and
+    # they went on to the next epoch alone): 16 records in batches of 6 give two steps per epoch
+    final = train(_cfg(world, tmp_path / "ragged", data=str(tmp_path / "shard-000.tar"), batch_size=6, max_steps=3),
+                  show_progress=False)  # fmt: skip
+    state = torch.load(final / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["position"]) == (1, 6)
+    with pytest.raises(ValueError, match=r"shard-000.tar holds 16 records, fewer than one batch of 20 x 1 processes"):
+        train(_cfg(world, tmp_path / "short", data=str(tmp_path / "shard-000.tar"), batch_size=20, max_steps=1),
+              show_progress=False)  # fmt: skip
     # one corrupt and one truncated shard among good ones: their readable records are kept, the run goes on
     good = (tmp_path / "shard-000.tar").read_bytes()
     (tmp_path / "shard-001.tar").write_bytes(b"\0" * 100 + b"not a tar archive" * 40)
@@ -350,6 +418,12 @@ def test_embedding_cache_is_built_once_and_checked(world, tmp_path):
     caption.write_text(text)  # the same data again: the cache is taken
     train(_cfg(world, tmp_path / "f", data=str(data), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
                max_steps=1), show_progress=False)  # fmt: skip
+    # and so is the same data copied elsewhere (it was refused: the digest held every image's absolute path)
+    built = (tmp_path / "cache2" / "index.json").stat().st_mtime
+    copied = shutil.copytree(data, tmp_path / "copied")
+    train(_cfg(world, tmp_path / "f2", data=str(copied), cache_embeddings=True, cache_dir=str(tmp_path / "cache2"),
+               max_steps=1), show_progress=False)  # fmt: skip
+    assert (tmp_path / "cache2" / "index.json").stat().st_mtime == built
     # an image replaced in place under its name (another picture, another size) is other data too
     images = sorted(data.glob("*.png"))
     other = next(i for i in images[1:] if i.stat().st_size != images[0].stat().st_size)
@@ -444,6 +518,19 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     with pytest.raises(ValueError, match=r"is a 'base' adapter \(linear projection, pooled features\) but --variant "
                                          r"is 'plus' \(resampler projection, penultimate features\)"):  # fmt: skip
         train(_cfg(world, tmp_path / "c", init_adapter=str(official), variant="plus"), show_progress=False)
+    # a fine-tuning run resumes from its checkpoint, which holds every weight, when the starting file is gone
+    # (the same weights as if it were there)
+    import shutil
+
+    train(_cfg(world, tmp_path / "d", init_adapter=str(official), max_steps=1, save_every=1), show_progress=False)
+    shutil.copytree(tmp_path / "d", tmp_path / "e")
+    there = train(_cfg(world, tmp_path / "d", init_adapter=str(official), max_steps=2, resume="latest"),
+                  show_progress=False)  # fmt: skip
+    official.unlink()
+    gone = train(_cfg(world, tmp_path / "e", init_adapter=str(official), max_steps=2, resume="latest"),
+                 show_progress=False)  # fmt: skip
+    a, b = load_file(str(there / "adapter.safetensors")), load_file(str(gone / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_processes_train_one_checkpoint(compact_world, tmp_path):

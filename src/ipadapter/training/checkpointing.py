@@ -135,11 +135,15 @@ def resolve_resume(output: str | Path, resume: str) -> Path | None:
 # What a checkpoint's weights are: resuming with another variant would load them into another projection. (The base
 # and image encoder may move to another path or be swapped for a fine-tune; a model they do not fit fails to load.)
 MODEL_FIELDS = ("variant",)
+# What the run's next samples are: the seed draws each epoch's order (the saved position counts into it) and the
+# resolution makes the samples. (The data itself is checked by the training state's record of it.)
+DATA_FIELDS = ("seed", "resolution")
 
 
 def check_resumable(checkpoint: str | Path, config: dict) -> None:
-    """Raises ValueError if `checkpoint` was trained as another adapter (`MODEL_FIELDS`) than `config` describes.
-    Other settings (steps, learning rate, logging, ...) may change on resume."""
+    """Raises ValueError if `checkpoint` was trained as another adapter (`MODEL_FIELDS`) than `config` describes, or
+    on samples made otherwise (`DATA_FIELDS`). Other settings (steps, learning rate, batch size, precision, logging,
+    ...) may change on resume."""
     saved_path = Path(checkpoint) / "train_config.json"
     if not saved_path.is_file():
         return
@@ -154,6 +158,14 @@ def check_resumable(checkpoint: str | Path, config: dict) -> None:
         raise ValueError(
             f"cannot resume from {checkpoint}: it was trained as another adapter ({'; '.join(differ)}); resume with the "
             f"run's own settings (its train_config.json) or start a new --output"
+        )
+    differ = [f"--{k.replace('_', '-')}: {saved[k]!r} there, {config[k]!r} now" for k in DATA_FIELDS
+              if k in saved and k in config and saved[k] != config[k]]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: a resume continues the run's course of samples, made with other settings "
+            f"({'; '.join(differ)}); resume with the run's own settings (its train_config.json), or start a new stage "
+            f"with these: --init-adapter {Path(checkpoint) / 'adapter.safetensors'} with a new --output"
         )
 
 

@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import pickle
 import re
 import tarfile
@@ -103,7 +104,7 @@ def tinyworld_records(spec: str) -> list[Record]:
 def read_utf8(path: Path) -> str:
     """The text of `path`; a file that is not UTF-8 is named, with the offending byte's position."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # (a byte-order mark, as some editors write, is not text)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: expected UTF-8 text, found byte 0x{error.object[error.start]:02x} at offset "
                          f"{error.start} (re-save the file as UTF-8)") from error  # fmt: skip
@@ -112,14 +113,27 @@ def read_utf8(path: Path) -> str:
 def read_records(data: str, image_root: str = "") -> list[Record]:
     """Records of a finite source: JSON list, JSON Lines, a folder of images with same-named .txt captions, or
     `tinyworld:N[:SEED]` (rendered on the fly)."""
+    path = Path(data)
+    if image_root and (data.startswith("tinyworld:") or path.is_dir()):
+        raise ValueError(f"--image-root is the folder of a JSON / JSONL list's image_file paths; --data {data} is "
+                         f"{'rendered' if data.startswith('tinyworld:') else 'a folder of images'} and has none")  # fmt: skip
     if data.startswith("tinyworld:"):
         return tinyworld_records(data)
-    path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"training data not found: {path} (expected a .json/.jsonl file or a folder of images)")
     root = Path(image_root) if image_root else path.parent
     if path.is_dir():
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        # os.walk(followlinks=True): Path.rglob (Python < 3.13) does not descend into linked folders, so a dataset
+        # assembled from linked sub-folders lost them silently; `seen` stops at a link back to a folder already read
+        images, seen = [], set()
+        for folder, dirs, files in os.walk(path, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            images += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        images.sort()
         if not images:
             raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         records = []
@@ -128,36 +142,41 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
             text = read_utf8(caption).strip() if caption.is_file() else ""
             records.append(Record(key=str(image.relative_to(path)), text=text, image_path=str(image)))
         return records
-    if path.suffix == ".jsonl":
-        items = []
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        items, where = [], []  # each item and how errors name it (its line)
         for number, line in enumerate(read_utf8(path).splitlines(), start=1):
             if line.strip():
                 try:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: not a JSON object ({error.msg}): {line!r:.80}") from error
-    elif path.suffix == ".json":
+                where.append(f"line {number}")
+    elif suffix == ".json":
         try:
             items = json.loads(read_utf8(path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from error
         if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of {{'image_file': ..., 'text': ...}}, found {type(items).__name__}")
+        where = [f"item {i}" for i in range(len(items))]
     else:
         raise ValueError(f"unsupported training data {path}: expected .json, .jsonl, a folder, or .tar shards")
     records = []
-    for i, item in enumerate(items):
+    for item, at in zip(items, where):
         if not isinstance(item, dict) or "image_file" not in item:
-            raise ValueError(f"{path}: item {i} must be an object with 'image_file' (and 'text'), found {item!r:.80}")
+            raise ValueError(f"{path}: {at} must be an object with 'image_file' (and 'text'), found {item!r:.80}")
         image, face, text = item["image_file"], item.get("id_embed_file") or "", item.get("text")
         for name, value in (("image_file", image), ("id_embed_file", face)):
             if not isinstance(value, str) or name == "image_file" and not value:
-                raise ValueError(f"{path}: item {i}: '{name}' must be a file path (a non-empty string), found "
+                raise ValueError(f"{path}: {at}: '{name}' must be a file path (a non-empty string), found "
                                  f"{value!r:.80}")  # fmt: skip
+        if text is not None and not isinstance(text, str):  # (a list or number would be trained on as its repr)
+            raise ValueError(f"{path}: {at}: 'text' must be a string (or null: no caption), found {text!r:.80}")
         records.append(
             Record(
                 key=image,
-                text="" if text is None else str(text),  # JSON null: no caption
+                text="" if text is None else text,  # JSON null: no caption
                 image_path=str(root / image),
                 face_id_path=str(root / face) if face else "",
             )

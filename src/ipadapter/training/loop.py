@@ -33,7 +33,7 @@ from .cache import EmbeddingCache, build_cache, fingerprint
 from .checkpointing import (check_resumable, list_checkpoints, load_training_state, resolve_resume, save_checkpoint,
                             set_aside_later)
 from .config import TrainConfig, field_help
-from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, read_records
+from .data import StreamingDataset, TrainDataset, collate, is_webdataset, iter_webdataset, list_shards, read_records
 from .models import encode_text, load_frozen_models, tokenize_fn
 
 
@@ -209,6 +209,8 @@ class Trainer:
             resumed = load_training_state(self.resume_from)
             sharded.check_resumable(self.resume_from, resumed, self.deepspeed, acc.num_processes)
         self._read_data()  # before the models: a wrong path or an empty dataset costs no model load
+        if resumed is not None:
+            self._check_resumed_data(resumed)
         models = load_frozen_models(cfg.base, cfg.image_encoder, self.feature != "none", self._weight_dtype())
         for module in models.frozen():
             module.to(acc.device)
@@ -216,7 +218,13 @@ class Trainer:
             models.unet.to(memory_format=torch.channels_last)
         self.models = models
         embed_dim = models.image_encoder.feature_dim(self.feature) if models.image_encoder is not None else None
-        if cfg.init_adapter:
+        if cfg.init_adapter and self.resume_from is not None:  # the checkpoint holds every weight: the starting
+            # file is not needed (it may be gone, or the run on another machine); the checkpoint's adapter is the run's
+            adapter = self._resumed_adapter()
+            self._check_variant(adapter.config, str(self.resume_from))
+            adapter = load_adapter(self.resume_from / "adapter.safetensors", unet=models.unet,
+                                   image_encoder=models.image_encoder)  # fmt: skip
+        elif cfg.init_adapter:
             adapter = self._init_adapter(models)
         else:
             torch.manual_seed(cfg.seed)  # the projection's random init is part of the run's reproducibility
@@ -252,6 +260,13 @@ class Trainer:
             else:
                 self.optimizer.load_state_dict(resumed["optimizer"])
             self.lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+            # both restore the checkpoint's hyper-parameters (each group's lr, weight decay, betas; the schedule's
+            # base rate): this run's are the ones asked for (a resume may change them), the same values otherwise
+            self.lr_scheduler.base_lrs = [cfg.learning_rate] * len(self.optimizer.param_groups)
+            factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+            for group in self.optimizer.param_groups:
+                group.update(lr=cfg.learning_rate * factor, initial_lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2))  # fmt: skip
             self.step, self.epoch, self.position = resumed["step"], resumed["epoch"], resumed["position"]
             self.skipped = resumed.get("skipped", 0)
 
@@ -261,15 +276,17 @@ class Trainer:
         from ..sources import resolve_adapter
 
         path = resolve_adapter(self.cfg.init_adapter)
-        found = load_adapter(path).config
+        self._check_variant(load_adapter(path).config, f"--init-adapter {self.cfg.init_adapter}")
+        return load_adapter(path, unet=models.unet, image_encoder=models.image_encoder)
+
+    def _check_variant(self, found, name: str) -> None:
         want = self.variant
         if (found.projection, found.image_feature, found.attention) != (want.projection, want.image_feature, want.attention):
             raise ValueError(
-                f"--init-adapter {self.cfg.init_adapter} is a {found.variant!r} adapter ({found.projection} projection, "
-                f"{found.image_feature} features) but --variant is {self.cfg.variant!r} ({want.projection} projection, "
-                f"{want.image_feature} features); pass the --variant of the checkpoint (e.g. {found.variant!r})"
+                f"{name} is a {found.variant!r} adapter ({found.projection} projection, {found.image_feature} "
+                f"features) but --variant is {self.cfg.variant!r} ({want.projection} projection, {want.image_feature} "
+                f"features); pass the --variant of the checkpoint (e.g. {found.variant!r})"
             )
-        return load_adapter(path, unet=models.unet, image_encoder=models.image_encoder)
 
     def _resumed_adapter(self) -> IPAdapter:
         """The checkpoint's adapter; an unreadable one names the checkpoint to resume from instead."""
@@ -285,9 +302,14 @@ class Trainer:
         cfg = self.cfg
         self.streaming = is_webdataset(cfg.data)
         if self.streaming:
+            if cfg.image_root:
+                raise ValueError(f"--image-root is the folder of a JSON / JSONL list's image_file paths; --data "
+                                 f"{cfg.data} is WebDataset shards, whose records hold their images")  # fmt: skip
             if cfg.cache_embeddings:
                 raise ValueError("the embedding cache needs a finite dataset (JSON, JSONL or a folder), not WebDataset shards")
             self.records = None
+            shards = [Path(s).name for s in list_shards(cfg.data)]  # names: the run may move to another disk
+            self.data_identity = {"shards": len(shards), "digest": _digest([shards, cfg.max_samples])}
             return
         records = read_records(cfg.data, cfg.image_root)
         if cfg.max_samples:
@@ -301,10 +323,31 @@ class Trainer:
                 )
         if not records:
             raise ValueError(f"no usable training samples in {cfg.data}")
+        # which records, whatever disk they lie on (keys and captions, in the data's order)
+        self.data_identity = {"records": len(records), "digest": _digest([[r.key, r.text] for r in records])}
         world = self.accelerator.num_processes
         if len(records) < cfg.batch_size * world:  # before any model loads (checked again after unreadable ones)
             raise ValueError(f"{len(records)} samples cannot fill one batch of {cfg.batch_size} x {world} processes")
         self.records = records
+
+    def _check_resumed_data(self, resumed: dict) -> None:
+        """A resume continues the run's data order at its saved (epoch, position): on other data, or past its end, it
+        would train on something the run's course never held. Both are refused before any model loads."""
+        cfg, checkpoint = self.cfg, self.resume_from
+        if resumed["step"] >= cfg.max_steps:
+            raise ValueError(f"{checkpoint} is at step {resumed['step']}, already at --max-steps {cfg.max_steps}: nothing "
+                             f"to train (raise --max-steps to continue the run)")  # fmt: skip
+        saved = resumed.get("data")
+        if saved is not None and saved != self.data_identity:
+            kind = "records" if "records" in self.data_identity else "shards"
+            count = saved.get(kind, "?"), self.data_identity[kind]
+            differ = f"{count[0]} {kind} there, {count[1]} now" if count[0] != count[1] else \
+                f"the same number of {kind}, other names, captions or order"  # fmt: skip
+            raise ValueError(
+                f"cannot resume from {checkpoint}: its run trained on other data than --data {cfg.data} ({differ}), "
+                f"and a resume continues at its saved position in that data; resume with the run's own data, or start "
+                f"a new stage on this data: --init-adapter {checkpoint / 'adapter.safetensors'} with a new --output"
+            )
 
     def _setup_data(self) -> None:
         cfg, models = self.cfg, self.models
@@ -324,8 +367,8 @@ class Trainer:
         dataset = TrainDataset(records, cfg.resolution, clip, self.tokenize)
         if cfg.cache_embeddings:
             expected = fingerprint(base=cfg.base, image_encoder=cfg.image_encoder, feature=self.feature,
-                                   resolution=cfg.resolution, data=cfg.data, image_root=cfg.image_root,
-                                   samples=len(records), records=records_digest(records), dtype=self._weight_dtype(),
+                                   resolution=cfg.resolution, samples=len(records), records=records_digest(records),
+                                   dtype=self._weight_dtype(),
                                    vae_dtype=models.vae.dtype)  # (SDXL's VAE stays float32 under fp16: `models`)
             folder = Path(cfg.cache_dir or self.output / "cache")
             with self.accelerator.main_process_first():
@@ -354,13 +397,21 @@ class Trainer:
                 loader = DataLoader(ds, batch_size=cfg.batch_size * world, num_workers=cfg.num_workers,
                                     worker_init_fn=ignore_stop_signals,
                                     collate_fn=lambda items: items)
-                any_batch = False
+                any_batch = any_full = False
                 for items in started_workers(loader):
                     any_batch = True
                     self.position += len(items)
+                    if len(items) < cfg.batch_size * world:
+                        # the stream's ragged end, dropped as finite data's is: a short global batch would leave a
+                        # later process an empty slice, and that process alone would go on to the next epoch
+                        continue
+                    any_full = True
                     yield collate(items[rank * cfg.batch_size : (rank + 1) * cfg.batch_size])
                 if not any_batch and start == 0:  # (a resume saved after an epoch's last batch finds none: next epoch)
                     raise ValueError(f"no samples in {cfg.data}")
+                if not any_full and start == 0:
+                    raise ValueError(f"{cfg.data} holds {self.position} records, fewer than one batch of "
+                                     f"{cfg.batch_size} x {world} processes")  # fmt: skip
                 self.epoch, self.position = self.epoch + 1, 0
         n = len(self.dataset)
         if n < cfg.batch_size * world:
@@ -449,6 +500,7 @@ class Trainer:
             "epoch": self.epoch,
             "position": self.position,
             "skipped": self.skipped,
+            "data": self.data_identity,
             **optimizer,
             "lr_scheduler": self.lr_scheduler.state_dict(),
         }
@@ -632,11 +684,17 @@ class Trainer:
         return score
 
 
+def _digest(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
 def records_digest(records) -> str:
-    """What the cache was built from: each record's key, caption, where its image and face embedding come from and
-    their sizes in bytes (a changed --image-root, list or caption changes it, and so does an image or embedding
-    replaced in place by one of another size; one of exactly the same size is not detected). Sizes, not modification
-    times: a dataset copied to another disk keeps its cache."""
+    """What the cache was built from: each record's key (its image's name as the data gives it), caption, face
+    embedding's file name, and the sizes in bytes of both files (another list or caption changes it, and so does an
+    image or embedding replaced in place by one of another size; one of exactly the same size is not detected).
+    Names and sizes, not absolute paths or modification times: a dataset copied or moved elsewhere keeps its cache."""
     import hashlib
 
     def size(path: str) -> int | None:
@@ -647,9 +705,10 @@ def records_digest(records) -> str:
 
     digest = hashlib.sha256()
     for r in records:
-        source = r.image_path or f"<{len(r.image_bytes)} bytes {hashlib.sha256(r.image_bytes).hexdigest()[:16]}>"
-        digest.update(json.dumps([r.key, r.text, str(Path(source).resolve()) if r.image_path else source,
-                                  size(r.image_path), r.face_id_path, size(r.face_id_path)]).encode())  # fmt: skip
+        # the record's key (its image as the data names it), not where the data lies on this disk
+        source = "" if r.image_path else f"<{len(r.image_bytes)} bytes {hashlib.sha256(r.image_bytes).hexdigest()[:16]}>"
+        face = Path(r.face_id_path).name if r.face_id_path else ""
+        digest.update(json.dumps([r.key, r.text, source, size(r.image_path), face, size(r.face_id_path)]).encode())
     return digest.hexdigest()
 
 
