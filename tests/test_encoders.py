@@ -73,6 +73,25 @@ def test_16_bit_and_float_images_keep_their_range(tmp_path):
     assert np.abs(load_mask(floats).numpy() - ramp / 65535).max() <= 1 / 255
 
 
+def test_photos_are_read_upright_as_shown(tmp_path):
+    """A phone's portrait photo is stored sideways with an EXIF orientation: references, masks and training images
+    are read as it is shown (diffusers' load_image does so; the official trainer does not), the same as diffusers."""
+    import numpy as np
+    from diffusers.utils import load_image as diffusers_load_image
+
+    from ipadapter.training.data import Record, open_image
+
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:, :10] = 255  # the left third white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to show"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    shown = diffusers_load_image(str(tmp_path / "photo.jpg"))
+    assert shown.size == (20, 30)
+    for ours in (load_image(tmp_path / "photo.jpg"), open_image(Record(key="photo.jpg", text="", image_path=str(tmp_path / "photo.jpg")))):
+        assert ours.size == (20, 30) and np.array_equal(np.asarray(ours), np.asarray(shown))
+
+
 def test_encoder_width_is_checked_against_the_adapter():
     encoder = ImageEncoder(tiny_clip_vision(hidden=48, projection=40, image_size=28))
     plus = AdapterConfig("resampler", 16, 32, (32,), image_feature="penultimate", image_embed_dim=64,

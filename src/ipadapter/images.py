@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -18,11 +18,17 @@ def _open(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy()
+            return upright(image)
     except Image.DecompressionBombError as e:  # a few KB that would decode to gigabytes
         raise ValueError(f"{path} is too large to decode safely ({e})") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"cannot read {path} as an image (expected PNG, JPEG, WebP, ...): {e}") from e
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """A copy of `image` turned as its EXIF orientation says it is shown (a phone's portrait photo is stored
+    sideways), as diffusers' `load_image` does; unchanged without one."""
+    return ImageOps.exif_transpose(image) or image.copy()
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

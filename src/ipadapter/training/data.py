@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
-from ..images import to_8bit
+from ..images import to_8bit, upright
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +277,9 @@ def open_image(record: Record) -> Image.Image | None:
         source = io.BytesIO(record.image_bytes) if record.image_bytes else record.image_path
         with Image.open(source) as image:
             image.load()
-            return to_8bit(image).convert("RGB")  # 16-bit / float images over their range (PIL's convert clips)
+            # upright as shown (EXIF orientation), as generation reads references; 16-bit / float images over their
+            # range (PIL's convert clips)
+            return to_8bit(upright(image)).convert("RGB")
     except IMAGE_ERRORS:
         return None
 
