@@ -123,6 +123,11 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--s-scale", "0.5"], r"--s-scale weighs the face-structure branch of FaceID-PlusV2 adapters; .*\(base\) has none"),
         ([*ok, "--face-id", str(faces)], r"--face-id / --face-image need a FaceID adapter; .*\(base\) is not one"),
         ([*ok, "--pag-scale", "-1"], r"--pag-scale must be >= 0 \(0: off\), found -1.0"),
+        ([*ok, "--guidance", "-1"], r"--guidance must be >= 0 \(up to 1: no classifier-free guidance\), found -1.0"),
+        ([*ok, "--image-encoder", "./models/encoder"], r"--image-encoder ./models/encoder: not found \(expected a local"),
+        ([*ok, "--controlnet", "/no/such/controlnet", "--control-image", ref], r"--controlnet /no/such/controlnet: not found"),
+        (["--image", ref, ref, "--negative-image", ref, ref, ref, "--adapter", str(root / "ip-adapter.safetensors")],
+         r"expected one --negative-image, or one per --image \(2\), found 3"),
         ([*ok, "--pag-layers", "mid"], r"--pag-layers .* acts only with --pag-scale > 0"),
         ([*ok, "--pag-scale", "2", "--pag-layers", "down("], r"--pag-layers 'down\(' is not a valid pattern"),
     ]
@@ -207,6 +212,12 @@ def test_controlnet_sees_text_only_and_gives_diffusers_pixels(setup, tmp_path):
     Image.effect_mandelbrot((24, 24), (-2, -1.2, 1, 1.2), 20).convert("RGB").save(tmp_path / "init.png")
     assert main([*args[:-1], str(tmp_path / "img2img"), "--init-image", str(tmp_path / "init.png")]) == 0
     assert Image.open(tmp_path / "img2img" / "000002-000.png").size == (24, 24)
+    # ControlNet inpainting keeps --width / --height, as inpainting without one does (they were replaced by the init
+    # image's size, and the PNG said otherwise)
+    Image.fromarray(control[..., 0]).save(tmp_path / "inpaint.png")
+    assert main([*args[:-1], str(tmp_path / "inpaint"), "--init-image", str(tmp_path / "init.png"), "--inpaint-mask",
+                 str(tmp_path / "inpaint.png"), "--width", "16", "--height", "32"]) == 0  # fmt: skip
+    assert Image.open(tmp_path / "inpaint" / "000002-000.png").size == (16, 32)
 
 
 def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(setup, tmp_path):
@@ -231,6 +242,43 @@ def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(set
     assert main(["generate", *refs, *common, "--preset", "style", "--out", str(tmp_path / "s")]) == 0
     params = read_parameters(tmp_path / "s" / "000001-000.png")
     assert params["preset"] == "style" and params["weights"] == [0.3, 0.7] and params["combine"] == "average"
+
+
+def test_saved_embeddings_need_no_image_encoder_and_the_png_reruns(setup, tmp_path, capsys):
+    """A Plus adapter's embeddings file holds the encoder's view of the empty image too, so generating from it needs
+    no encoder (that failed after every model had loaded); the PNG's parameters run again (they named the embeddings
+    file as an output to write, which is refused once it exists)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import ImageEncoder
+    from ipadapter.embeds import load_embeds, save_embeds
+    from ipadapter.generate import GenerateConfig, generate
+
+    root, base, encoder = setup
+    torch.manual_seed(1)
+    plus = IPAdapter.for_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "plus",
+                              image_embed_dim=ImageEncoder.from_pretrained(encoder).feature_dim("penultimate"))  # fmt: skip
+    with torch.no_grad():
+        for p in plus.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    plus.save(tmp_path / "plus.safetensors")
+    alone = shutil.copytree(base, tmp_path / "elsewhere" / "sd")  # no image_encoder/ inside or beside it
+    common = ["--steps", "2", "--seed", "3", "--adapter", str(tmp_path / "plus.safetensors"), "--prompt", "a shape"]
+    embeds = tmp_path / "e.safetensors"
+    assert main(["generate", "--image", str(root / "ref.png"), *common, "--base", base, "--image-encoder", encoder,
+                 "--save-embeds", str(embeds), "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    assert main(["generate", "--embeds", str(embeds), *common, "--base", str(alone), "--out", str(tmp_path / "b")]) == 0
+    a = np.asarray(Image.open(tmp_path / "a" / "000003-000.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "b" / "000003-000.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
+    again = generate(GenerateConfig(**read_parameters(tmp_path / "a" / "000003-000.png"), show_progress=False))
+    assert np.abs(np.asarray(Image.open(again[0])).astype(int) - a).max() <= 1
+    features, meta = load_embeds(embeds)
+    save_embeds(tmp_path / "old.safetensors", features, meta["feature"])  # as written before: no unconditional
+    assert main(["generate", "--embeds", str(tmp_path / "old.safetensors"), *common, "--base", str(alone)]) == 2
+    assert "holds no unconditional features (written by an older ipadapter), which" in capsys.readouterr().err
 
 
 def test_image_mask_alpha_is_each_references_transparency(setup, tmp_path, capsys):

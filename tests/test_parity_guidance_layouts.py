@@ -5,6 +5,8 @@ pixels equal diffusers' built-in IP-Adapter on the same pipeline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -53,10 +55,15 @@ def test_perturbed_attention_guidance_matches_diffusers(sd, guidance):
     prompter = _prompter(StableDiffusionPAGPipeline, root, base, encoder_folder, pag_applied_layers=["down"])
     try:
         found = run(prompter, image=a, scale=0.8, **call)
+        # no applied layers: diffusers' pipeline runs without PAG's chunk whatever pag_scale says
+        pipe.set_pag_applied_layers([])
+        prompter.pipe.set_pag_applied_layers([])
+        expected_off, found_off = run(pipe, ip_adapter_image=a, **call), run(prompter, image=a, scale=0.8, **call)
     finally:
         prompter.detach()
     assert abs(expected - plain).max() > 1e-3  # the perturbed chunk changes the images
     assert abs(expected - found).max() <= 1e-5
+    assert abs(expected_off - found_off).max() <= 1e-5
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
@@ -173,3 +180,37 @@ def test_unknown_batch_layout_names_what_fits(sd):
     finally:
         hook.remove()
         prompter.detach()
+
+
+def test_a_guidance_embedding_unet_in_a_pipeline_that_still_guides_matches_diffusers(tmp_path):
+    """An LCM-distilled UNet (time_cond_proj_dim) switches classifier-free guidance off in StableDiffusionPipeline but
+    not in the ControlNet image-to-image pipeline: the prompter follows the batch it gets, not a guess from the UNet
+    (it gave the unconditional half the image prompt there: 0.43 off)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, UNet2DConditionModel
+    from parity_helpers import save_adapters
+    from tiny_models import make_sd_folder, unet_config
+
+    base, encoder_folder = make_sd_folder(tmp_path)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config("sd15"), time_cond_proj_dim=8).eval()
+    unet.save_pretrained(Path(base) / "unet")
+    save_adapters(unet, ImageEncoder.from_pretrained(encoder_folder), tmp_path, {"plus": 2})
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel(**unet_config("sd15")),
+                                           conditioning_embedding_out_channels=(8, 16))  # fmt: skip
+    square = np.zeros((16, 16), np.uint8)
+    square[4:12, 4:12] = 255
+    a, _, _ = refs()
+    call = {"control_image": Image.fromarray(np.stack([square] * 3, -1)), "strength": 0.7, "guidance_scale": 7.5,
+            "num_inference_steps": 4}  # fmt: skip
+    init = Image.radial_gradient("L").resize((16, 16)).convert("RGB")
+    cls = StableDiffusionControlNetImg2ImgPipeline
+    pipe = theirs(cls, base, encoder_folder, tmp_path, "plus.bin", controlnet=controlnet)
+    pipe.set_ip_adapter_scale(0.7)
+    expected = run(pipe, ip_adapter_image=a, image=init, **call)
+    prompter = _prompter(cls, tmp_path, base, encoder_folder, controlnet=controlnet)
+    try:
+        found = run(prompter, image=a, scale=0.7, pipeline_image=init, **call)
+    finally:
+        prompter.detach()
+    assert abs(expected - found).max() <= 1e-5

@@ -508,6 +508,10 @@ def test_a_resumed_cache_build_keeps_only_full_shards_of_its_settings(tmp_path, 
         cache_module.EmbeddingCache(tmp_path, expected)
 
 
+def records_image(world) -> str:
+    return read_records(world["data"])[0].image_path
+
+
 def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     first = train(_cfg(world, tmp_path / "a", max_steps=2), show_progress=False)
     official = tmp_path / "ip-adapter_tiny.bin"
@@ -518,6 +522,13 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
     with pytest.raises(ValueError, match=r"is a 'base' adapter \(linear projection, pooled features\) but --variant "
                                          r"is 'plus' \(resampler projection, penultimate features\)"):  # fmt: skip
         train(_cfg(world, tmp_path / "c", init_adapter=str(official), variant="plus"), show_progress=False)
+    # a training checkpoint folder stands for its adapter file: to fine-tune from, to convert, to generate with
+    from ipadapter.cli import main
+
+    train(_cfg(world, tmp_path / "from-folder", init_adapter=str(first), max_steps=1), show_progress=False)
+    assert main(["convert", str(first), str(tmp_path / "folder.bin"), "--to", "official"]) == 0
+    assert main(["generate", "--image", records_image(world), "--adapter", str(first), "--base", world["base"],
+                 "--image-encoder", world["encoder"], "--steps", "1", "--out", str(tmp_path / "gen")]) == 0  # fmt: skip
     # a fine-tuning run resumes from its checkpoint, which holds every weight, when the starting file is gone
     # (the same weights as if it were there)
     import shutil

@@ -163,7 +163,7 @@ def test_json_nulls_and_non_utf8_captions(tmp_path):
     with pytest.raises(ValueError, match=r"null.json: item 1: 'image_file' must be a file path .*found None"):
         read_records(str(tmp_path / "null.json"))  # was a TypeError
     (tmp_path / "face.jsonl").write_text(json.dumps({"image_file": "a.png", "id_embed_file": ["f.npy"]}))
-    with pytest.raises(ValueError, match=r"face.jsonl: item 0: 'id_embed_file' must be a file path .*found \['f.npy'\]"):
+    with pytest.raises(ValueError, match=r"face.jsonl: line 1: 'id_embed_file' must be a file path .*found \['f.npy'\]"):
         read_records(str(tmp_path / "face.jsonl"))
     folder = tmp_path / "folder"
     folder.mkdir()

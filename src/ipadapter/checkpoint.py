@@ -52,13 +52,21 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+def adapter_file(path: str | os.PathLike) -> Path:
+    """`path`, or the adapter file inside a training checkpoint folder (`checkpoint-N/adapter.safetensors`)."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter.safetensors").is_file():
+        return path / "adapter.safetensors"
+    return path
+
+
 def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Reads a checkpoint file into flat `{name: tensor}` plus safetensors metadata, never running pickled code.
 
     Nested official `.bin` dicts are flattened to `image_proj.<k>` / `ip_adapter.<k>`. With `shapes_only` the
     tensors are meta tensors (shape and dtype, no data), which is enough to inspect or validate a large file.
     """
-    path = Path(path)
+    path = adapter_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: expected a .safetensors or .bin file at {path}")
     if path.suffix == ".safetensors":
@@ -483,7 +491,7 @@ def load_adapter(
         tensors, metadata, name = _flatten(path, Path("<state dict>")), {}, "<state dict>"
     else:
         tensors, metadata = read_tensors(path)
-        name = Path(path).name
+        name = adapter_file(path).name
     adapter = adapter_from_tensors(tensors, metadata, name, shortcut=shortcut)
     adapter.to(device=device, dtype=dtype) if dtype is not None else adapter.to(device=device)
     if unet is not None:

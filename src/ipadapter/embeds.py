@@ -19,15 +19,35 @@ from .files import save_safetensors
 FORMAT = "ipadapter-embeds/1"
 
 
-def save_embeds(path: str | os.PathLike, features: torch.Tensor, feature: str, encoder: str = "") -> None:
-    """Writes features (K, D) or (K, N, D) of K references; `encoder` names the image encoder (folder or hub id)."""
+def save_embeds(path: str | os.PathLike, features: torch.Tensor, feature: str, encoder: str = "",
+                unconditional: torch.Tensor | None = None) -> None:  # fmt: skip
+    """Writes features (K, D) or (K, N, D) of K references; `encoder` names the image encoder (folder or hub id).
+    `unconditional`: the encoder's features of the empty image (`ImageEncoder.unconditional(feature)`), so that the
+    file alone serves a generation with guidance, with no encoder loaded (penultimate features need it: it is the
+    encoding of a black image, not zeros)."""
     if feature not in ("pooled", "penultimate"):
         raise ValueError(f"feature must be 'pooled' or 'penultimate', found {feature!r}")
     expected_ndim = 2 if feature == "pooled" else 3
     if features.ndim != expected_ndim:
         raise ValueError(f"{feature} features must have {expected_ndim} axes, found shape {tuple(features.shape)}")
+    tensors = {"features": features.detach().to("cpu").contiguous()}
+    if unconditional is not None:
+        if tuple(unconditional.shape) != (1, *features.shape[1:]):
+            raise ValueError(f"unconditional features must be (1, {', '.join(map(str, features.shape[1:]))}), found "
+                             f"{tuple(unconditional.shape)}")  # fmt: skip
+        tensors["unconditional"] = unconditional.detach().to("cpu", features.dtype).contiguous()
     meta = {"format": FORMAT, "feature": feature, "encoder": encoder, "width": str(features.shape[-1])}
-    save_safetensors({"features": features.detach().to("cpu").contiguous()}, path, meta)
+    save_safetensors(tensors, path, meta)
+
+
+def load_unconditional(path: str | os.PathLike) -> torch.Tensor | None:
+    """The (1, ...) unconditional features an embeddings file holds, or None (written without them)."""
+    tensors, _ = _read(path, shapes_only=False)
+    return tensors.get("unconditional")
+
+
+def has_unconditional(path: str | os.PathLike) -> bool:
+    return "unconditional" in _read(path, shapes_only=True)[0]
 
 
 def load_embeds(path: str | os.PathLike, config: AdapterConfig | None = None) -> tuple[torch.Tensor, dict[str, str]]:

@@ -104,6 +104,12 @@ def check_inputs(cfg: GenerateConfig) -> None:
             load_alpha(path)  # ValueError naming the reference without one
     if cfg.image_masks and len(cfg.image_masks) not in (1, len(cfg.images)):
         raise ValueError(f"expected one --image-mask, or one per --image ({len(cfg.images)}), found {len(cfg.image_masks)}")
+    if cfg.negative_images and cfg.images and cfg.prep != "tiles" and len(cfg.negative_images) not in (1, len(cfg.images)):
+        raise ValueError(f"expected one --negative-image, or one per --image ({len(cfg.images)}), found "
+                         f"{len(cfg.negative_images)}")  # fmt: skip
+    for flag, value in (("--image-encoder", cfg.image_encoder), ("--controlnet", cfg.controlnet),
+                        ("--content-text-encoder", cfg.content_text_encoder)):  # fmt: skip
+        check_local_model(flag, value)
     adapter = resolve_adapter(cfg.adapter)
     if not Path(adapter).is_file():
         raise FileNotFoundError(f"adapter not found: {adapter}")
@@ -187,6 +193,8 @@ def check_inputs(cfg: GenerateConfig) -> None:
                              f"{cfg.save_embeds}")  # fmt: skip
         if Path(cfg.save_embeds).exists():
             raise ValueError(f"--save-embeds {cfg.save_embeds} exists; it is not replaced (remove it or name a new file)")
+    if cfg.guidance is not None and cfg.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0 (up to 1: no classifier-free guidance), found {cfg.guidance}")
     check_pag(cfg)
     check_seed(cfg.seed)
     check_device(cfg.device)
@@ -255,6 +263,17 @@ def check_pag_layers(unet, layers: list[str]) -> None:
             blocks = sorted({n.split(".attentions")[0] for n in names})
             raise ValueError(f"--pag-layers {layer!r} names no self-attention layer of this UNet; its blocks with "
                              f"self-attention: {', '.join(blocks)} (e.g. mid, down_blocks.2, up_blocks.1)")  # fmt: skip
+
+
+def check_local_model(flag: str, value: str) -> None:
+    """A model flag's value written as a path (/..., ./..., ../..., ~..., a/b/c; optionally ::subfolder) must be on
+    disk, as `sources.check_base` requires of --base: diffusers and transformers would take it for a hub id and fail
+    after the other models load, with a message about the network or the syntax of repository names."""
+    from .sources import looks_local
+
+    name = str(value or "").split("::")[0]
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"{flag} {value}: not found (expected a local model folder, or a hub id owner/name)")
 
 
 def vae_factor(base: str) -> int:
@@ -344,7 +363,7 @@ def check_models(cfg: GenerateConfig) -> None:
     key and shape), that it fits the base's UNet (from its config), the image encoder's config and --embeds against
     it, and the inputs its kind of adapter needs or ignores."""
     from .checkpoint import adapter_from_tensors, read_tensors
-    from .embeds import check_embeds
+    from .embeds import check_embeds, has_unconditional
     from .encoders import check_encoder_folder
     from .sources import check_base, resolve_adapter, resolve_base, resolve_image_encoder
 
@@ -396,6 +415,10 @@ def check_models(cfg: GenerateConfig) -> None:
                 "does not exist here"  # (owner/name, a hub id, is also how a relative path looks)  # fmt: skip
             raise ValueError(f"{name} needs {found.image_encoder_name}; pass --image-encoder (the base {cfg.base} "
                              f"{where})")  # fmt: skip
+        if not encoder and cfg.embeds and found.image_feature == "penultimate" and not has_unconditional(cfg.embeds):
+            raise ValueError(f"--embeds {cfg.embeds} holds no unconditional features (written by an older ipadapter), "
+                             f"which {name} ({found.variant}) needs for guidance without its image encoder "
+                             f"({found.image_encoder_name}); pass --image-encoder")  # fmt: skip
         if encoder:
             check_encoder_folder(found, encoder)
     if cfg.embeds:
@@ -478,7 +501,7 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     """Runs `cfg`; returns the written PNG paths."""
     from .adapter import IPAdapter
     from .encoders import ImageEncoder
-    from .embeds import load_embeds, save_embeds
+    from .embeds import load_embeds, load_unconditional, save_embeds
     from .prompter import ImagePrompt, ImagePrompter
     from .sources import diffusers_dtype, load_pipeline, parse_dtype, resolve_adapter, resolve_image_encoder
 
@@ -530,8 +553,10 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if not references and face_crop is not None and adapter.config.image_feature != "none":
         references = [face_crop]  # FaceID-Plus: the aligned face of --face-image, as the official pipeline does
     if cfg.save_embeds and cfg.images and adapter.config.image_feature != "none":
-        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=image_masks(cfg)), adapter.config.image_feature,
-                    encoder=resolve_image_encoder(cfg.base, cfg.image_encoder))  # fmt: skip
+        feature = adapter.config.image_feature
+        save_embeds(cfg.save_embeds, prompter.features(references, prep=cfg.prep, masks=image_masks(cfg)), feature,
+                    encoder=resolve_image_encoder(cfg.base, cfg.image_encoder),
+                    unconditional=encoder.unconditional(feature, 1))  # fmt: skip
     # no negative prompt: None, as a diffusers user leaves it (SD: the empty prompt; SDXL: zeros, force_zeros_for_empty_prompt)
     kwargs: dict = {"negative_prompt": cfg.negative_prompt or None, "num_images_per_prompt": cfg.num_images,
                     "generator": torch.Generator("cpu").manual_seed(cfg.seed), "num_inference_steps": steps}
@@ -546,7 +571,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         key = "control_image" if cfg.init_image else "image"
         kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})
         if cfg.init_image:  # the init image's size for all three images (diffusers would take each one's own)
-            kwargs.update(zip(("width", "height"), fitted_size(kwargs["image"].size, pipe.vae_scale_factor)))
+            for key, value in zip(("width", "height"), fitted_size(kwargs["image"].size, pipe.vae_scale_factor)):
+                kwargs.setdefault(key, value)  # --width / --height (inpainting) are kept
     content = None
     if cfg.content_text:
         from .encoders import TextEmbedder
@@ -570,12 +596,16 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         negative_image=[load_image(p) for p in cfg.negative_images] or None, negative_noise=cfg.negative_noise,
         mask=load_image(cfg.mask) if cfg.mask else None, start=cfg.start, end=cfg.end,
         face_id=faces, s_scale=cfg.s_scale, content_embeds=content, content_scale=cfg.content_scale,
+        unconditional=load_unconditional(cfg.embeds) if cfg.embeds and encoder is None else None,
     )  # fmt: skip
     images = prompter(prompt=cfg.prompt, prompts=[prompt], guidance_scale=guidance, **kwargs).images
     prompter.detach()
     out = Path(cfg.out)
     meta = PngImagePlugin.PngInfo()
-    params = {**{k: v for k, v in asdict(cfg).items() if k != "show_progress"}, "steps": steps, "guidance": guidance}
+    # what makes the image (not show_progress, nor save_embeds: an output, refused once written, so the parameters
+    # could not be run again)
+    params = {**{k: v for k, v in asdict(cfg).items() if k not in ("show_progress", "save_embeds")}, "steps": steps,
+              "guidance": guidance}  # fmt: skip
     meta.add_text("ipadapter", json.dumps(params))
     meta.add_text("parameters", f"{cfg.prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {steps}, "
                                 f"CFG scale: {guidance}, Seed: {cfg.seed}, IP-Adapter: {cfg.adapter} ({cfg.scale})"

@@ -72,6 +72,9 @@ class ImagePrompt:
     s_scale: float | None = None  # FaceID-PlusV2: weight of the face-structure branch (official s_scale; default 1)
     content_embeds: torch.Tensor | None = None  # InstantStyle: (D,) or (N, D) text embedding to remove (pooled only)
     content_scale: float = 1.0  # ... times this
+    # with precomputed features and no ImageEncoder: the encoder's (1, ...) features of the empty image, for the
+    # unconditional branch (`embeds.load_unconditional`); pooled features default to zeros without it
+    unconditional: torch.Tensor | None = None
 
 
 def _is_reference(x, feature_ndim: int) -> bool:
@@ -172,12 +175,8 @@ class ImagePrompter:
         if len(encoders) != len(adapters):
             raise ValueError(f"expected one image encoder per adapter ({len(adapters)}), found {len(encoders)}")
         for a, e in zip(adapters, encoders):
-            if a.config.image_feature != "none":
-                if e is None:
-                    raise ValueError(
-                        f"this adapter ({a.config.variant}) reads {a.config.image_encoder_name}; pass the matching "
-                        "ImageEncoder"
-                    )
+            # without an encoder, only precomputed features can be given (`features` says so for images)
+            if a.config.image_feature != "none" and e is not None:
                 check_encoder(a.config, e)
         self.pipe = pipe
         attached: list[IPAdapter] = []
@@ -238,13 +237,17 @@ class ImagePrompter:
         if hasattr(self.pipe, "_prepare_perturbed_attention_guidance"):  # diffusers' PAGMixin
             default = inspect.signature(self.pipe.__call__).parameters.get("pag_scale")
             pag_scale = call.get("pag_scale", 0.0 if default is None else default.default)
-            if pag_scale > 0:
+            # diffusers' `do_perturbed_attention_guidance`: a scale and at least one applied layer
+            if pag_scale > 0 and len(getattr(self.pipe, "pag_applied_layers", None) or []) > 0:
                 return BatchLayout(images, {1: "c", 2: "cc", 3: "ucc"})
         return BatchLayout(images, {1: "c", 2: "uc"})
 
     def _uses_cfg(self, guidance_scale: float) -> bool:
-        # diffusers' rule (`do_classifier_free_guidance`): guidance > 1 and no guidance-embedding UNet.
-        return guidance_scale > 1 and getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is None
+        # Whether the pipeline may stack an unconditional chunk. Not every pipeline skips guidance for a guidance-
+        # embedding UNet (time_cond_proj_dim, LCM): StableDiffusionPipeline does, the ControlNet image-to-image and
+        # inpainting pipelines (SD and SDXL, Union, PAG) do not. The batch layout then reads the chunks from the UNet
+        # batch itself: one chunk (no guidance) gets the conditional tokens, two get [uncond, cond].
+        return guidance_scale > 1
 
     # ---- encoding -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,8 +335,20 @@ class ImagePrompter:
                 uncond_feats = self.features(images, slot, p.prep, p.image_mask, noise=p.negative_noise)
             elif encoder is not None:
                 uncond_feats = encoder.unconditional(feature, k).to(cond_feats)
-            else:  # precomputed features without an encoder: zeros, as pooled training drops
+            elif p.unconditional is not None:  # precomputed features, and the encoder's view of the empty image
+                uncond = p.unconditional.to(cond_feats)
+                if tuple(uncond.shape) not in ((1, *cond_feats.shape[1:]), tuple(cond_feats.shape[1:])):
+                    raise ValueError(f"unconditional features {tuple(uncond.shape)} do not match the references' "
+                                     f"{tuple(cond_feats.shape[1:])}")  # fmt: skip
+                uncond_feats = uncond.reshape(1, *cond_feats.shape[1:]).expand_as(cond_feats)
+            elif feature == "pooled":  # precomputed features without an encoder: zeros, as training dropped them
                 uncond_feats = torch.zeros_like(cond_feats)
+            else:
+                raise ValueError(
+                    f"precomputed {feature} features without an ImageEncoder: the unconditional branch needs the "
+                    "encoder's features of the empty image (a black image, not zeros); pass the encoder, or "
+                    "unconditional= (embeddings files written by --save-embeds hold them: embeds.load_unconditional)"
+                )
             cond_feats = combine_features(cond_feats, p.combine, p.weights)
             if negatives is None and p.negative_noise == 0:
                 # the dropped image stays the dropped image whatever the mode (ComfyUI_IPAdapter_plus keeps

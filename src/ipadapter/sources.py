@@ -74,10 +74,14 @@ def resolve_image_encoder(base: str, image_encoder: str = "") -> str:
 
 
 def resolve_adapter(adapter: str) -> str:
-    """'tinyworld' / 'tinyworld-base' / 'tinyworld-plus' -> the shipped tiny-world adapters; a path unchanged."""
+    """'tinyworld' / 'tinyworld-base' / 'tinyworld-plus' -> the shipped tiny-world adapters; a training checkpoint
+    folder -> its adapter.safetensors; another path unchanged."""
     name = {"tinyworld": "base", "tinyworld-base": "base", "tinyworld-plus": "plus"}.get(adapter)
     if name is None:
-        return adapter
+        from .checkpoint import adapter_file
+
+        found = adapter_file(adapter)  # a training checkpoint folder: its adapter.safetensors
+        return str(found) if found != Path(adapter) else adapter
     path = TINYWORLD_DIR / TINYWORLD_ADAPTERS[name]
     if not path.is_file():
         raise FileNotFoundError(f"the tiny world's {name} adapter is missing from the package: expected {path}")
@@ -87,14 +91,20 @@ def resolve_adapter(adapter: str) -> str:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def looks_local(name: str) -> bool:
+    """Whether a model argument is written as a path rather than a hub id (owner/name): absolute, relative with
+    ./ or ../, from ~, with a trailing slash, or more than two parts (a "::subfolder" suffix aside)."""
+    name = name.split("::")[0]
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(("/", "\\")) or name.count("/") > 1
+
+
 def check_base(base: str, must_exist: bool = True) -> None:
     """Raises a clear error if a local `base` cannot be a Stable Diffusion model: a folder without model_index.json,
     a file that is not a single-file checkpoint (.safetensors / .ckpt) or one without the original layout's UNet
     tensors (`model.diffusion_model.*`). Hub ids and "tinyworld" pass. Reads only a safetensors header."""
     p = Path(resolve_base(base))
     text = str(resolve_base(base))
-    looks_local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or p.suffix in SINGLE_FILE_SUFFIXES
-    if must_exist and not p.exists() and looks_local:  # (a hub id is owner/name)
+    if must_exist and not p.exists() and (looks_local(text) or p.suffix in SINGLE_FILE_SUFFIXES):
         raise FileNotFoundError(f"base model not found: {p} (expected a diffusers folder, a single-file checkpoint "
                                 "or a hub id owner/name)")  # fmt: skip
     if p.is_dir():
