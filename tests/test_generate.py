@@ -534,7 +534,7 @@ def test_what_does_not_fit_the_models_is_named_before_any_model_loads(setup, tmp
          r"--init-image .*tiny.png is 1x30 px; image-to-image keeps its size, rounded down to multiples of 2 .*: "
          r"expected at least 2 px a side"),  # (this VAE: 2 blocks)
         ([*ok, "--combine", "average"], r"--combine mixes several references .*; one --image was given"),
-        ([*ok, "--negative-prompt", "red", "--negative-image", ref, "--guidance", "1"],
+        ([*ok, "--negative-prompt", "red", "--negative-image", ref, "--negative-noise", "0", "--guidance", "1"],
          r"--negative-prompt, --negative-image act\(s\) only with classifier-free guidance \(--guidance > 1\); found "
          r"--guidance 1"),
         ([*ok, "--boost", "1"], "--boost goes with --preset style_precise / composition_precise"),

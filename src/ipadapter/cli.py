@@ -97,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if values.get("guidance") is not None and values["guidance"] <= 1:
         negatives = [flag for flag, name in (("--negative-prompt", "negative_prompt"),
                                              ("--negative-image", "negative_images"),
-                                             ("--negative-noise", "negative_noise")) if name in values]  # fmt: skip
+                                             ("--negative-noise", "negative_noise")) if values.get(name)]  # fmt: skip
         if negatives:
             raise ValueError(f"{', '.join(negatives)} act(s) only with classifier-free guidance (--guidance > 1); "
                              f"found --guidance {values['guidance']:g}")  # fmt: skip
