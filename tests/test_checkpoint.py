@@ -196,6 +196,20 @@ def test_sdxl_adapter_on_sd15_unet_is_rejected_before_anything_changes():
         adapter.attach(tiny_unet("sd15"))  # a custom family is described once
 
 
+def test_an_official_variants_name_is_given_only_to_its_family_and_encoder():
+    """A new adapter named after an official layout carries that name (training labels its checkpoints with it):
+    `--variant sdxl` on an SD1.5 base, or `sd15` over a ViT-bigG encoder, made adapters that said what they are not."""
+    unet = real_unet_on_meta("sd15")
+    assert IPAdapter.for_unet(unet, "sd15", init_from_unet=False).config.variant == "sd15"
+    with pytest.raises(ValueError, match=r"variant 'sdxl' is the official SDXL layout; this UNet is SD1.5: use a generic"):
+        IPAdapter.for_unet(unet, "sdxl", init_from_unet=False)
+    with pytest.raises(ValueError, match=r"variant 'sd15' reads 1024-d pooled features .*; the image encoder gives "
+                                         r"1280-d .*: use the variant of that encoder"):  # fmt: skip
+        IPAdapter.for_unet(unet, "sd15", image_embed_dim=1280, init_from_unet=False)
+    with pytest.raises(ValueError, match=r"variant 'sd15_plus' is the official SD1.5 layout; this UNet is custom"):
+        IPAdapter.for_unet(tiny_unet("sd15"), "sd15_plus", image_embed_dim=48)
+
+
 def test_vit_bigg_encoder_for_vit_h_adapter_is_rejected():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer, LoRABranch
 from .blocks import layer_weights
-from .config import AdapterConfig, ResamplerConfig
+from .config import AdapterConfig, ResamplerConfig, base_family, image_encoder_name
 from .layers import AttentionLayer, attention_layers, cross_attention_layers
 from .lora import AttentionLoRA
 from .projection import build_projection
@@ -78,6 +78,18 @@ class IPAdapter(nn.Module):
         cross = cross_attention_layers(unet)
         cross_dim = int(unet.config.cross_attention_dim)
         embed_dim = image_embed_dim if image_embed_dim is not None else v.image_embed_dim
+        if v.family in ("SD1.5", "SDXL"):  # an official layout's name: the adapter would carry it, so it must be one
+            found = base_family(cross_dim, len(cross))
+            generic = "a generic variant (base, plus, full, faceid, ...)"
+            if found != v.family:
+                raise ValueError(f"variant {variant!r} is the official {v.family} layout; this UNet is {found}: use "
+                                 f"{generic}, sized from the UNet")  # fmt: skip
+            if v.image_embed_dim and embed_dim != v.image_embed_dim:
+                raise ValueError(
+                    f"variant {variant!r} reads {v.image_embed_dim}-d {v.image_feature} features "
+                    f"({image_encoder_name(v.image_feature, v.image_embed_dim)}); the image encoder gives {embed_dim}-d "
+                    f"({image_encoder_name(v.image_feature, embed_dim)}): use the variant of that encoder, or {generic}"
+                )
         if v.image_feature != "none" and not embed_dim:
             raise ValueError(f"variant {variant!r} needs image_embed_dim (the image encoder's output width), found None")
         num_tokens = v.num_tokens  # 0 for "full": one token per encoder token, known only at run time
