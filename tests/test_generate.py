@@ -220,6 +220,57 @@ def test_controlnet_sees_text_only_and_gives_diffusers_pixels(setup, tmp_path):
     assert Image.open(tmp_path / "inpaint" / "000002-000.png").size == (16, 32)
 
 
+def test_t2i_adapter_beside_the_image_prompt(setup, tmp_path, capsys):
+    """--t2i-adapter: diffusers' T2I-Adapter pipeline of the base (its SD1.5 one has no built-in IP-Adapter, so the
+    image prompt is checked against the Python API on that pipeline, and scale 0 against diffusers' own pixels)."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    from ipadapter import ImageEncoder
+    from ipadapter.prompter import ImagePrompter
+
+    root, base, encoder = setup
+    torch.manual_seed(0)
+    T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=2,
+               adapter_type="full_adapter").save_pretrained(tmp_path / "t2i")  # fmt: skip
+    control = np.zeros((16, 16, 3), np.uint8)
+    control[4:12, 2:8] = 255
+    Image.fromarray(control).save(tmp_path / "control.png")
+    ref = str(root / "ref.png")
+    args = ["generate", "--image", ref, "--prompt", "a red shape", "--steps", "3", "--seed", "2", "--base", base,
+            "--adapter", str(root / "ip-adapter.safetensors"), "--image-encoder", encoder, "--t2i-adapter",
+            str(tmp_path / "t2i"), "--control-image", str(tmp_path / "control.png"), "--t2i-adapter-scale", "0.9"]
+    outs = {}
+    for scale in ("0.7", "0"):
+        assert main([*args, "--scale", scale, "--out", str(tmp_path / scale)]) == 0
+        outs[scale] = np.asarray(Image.open(tmp_path / scale / "000002-000.png")).astype(int)
+    pipe = StableDiffusionAdapterPipeline.from_pretrained(base, adapter=T2IAdapter.from_pretrained(tmp_path / "t2i"))
+    call = {"prompt": "a red shape", "num_inference_steps": 3, "adapter_conditioning_scale": 0.9}
+    plain = pipe(image=Image.open(tmp_path / "control.png"), generator=torch.Generator("cpu").manual_seed(2), **call)
+    assert np.abs(outs["0"] - np.asarray(plain.images[0]).astype(int)).max() <= 1  # diffusers' pixels
+    prompter = ImagePrompter(pipe, IPAdapter.from_file(root / "ip-adapter.safetensors"), ImageEncoder.from_pretrained(encoder))
+    try:
+        api = prompter(image=Image.open(ref), scale=0.7, pipeline_image=Image.open(tmp_path / "control.png"),
+                       generator=torch.Generator("cpu").manual_seed(2), **call).images[0]  # fmt: skip
+    finally:
+        prompter.detach()
+    assert np.abs(outs["0.7"] - np.asarray(api).astype(int)).max() <= 1 and np.abs(outs["0.7"] - outs["0"]).max() > 3
+    assert read_parameters(tmp_path / "0.7" / "000002-000.png")["t2i_adapter_scale"] == 0.9
+    import re
+
+    (tmp_path / "not-t2i").mkdir()
+    (tmp_path / "not-t2i" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    no_control = args[: args.index("--control-image")] + ["--out", str(tmp_path)]
+    for extra, message in (([], r"--controlnet / --t2i-adapter and --control-image go together"),
+                           (["--control-image", ref, "--init-image", ref], r"--t2i-adapter generates from text"),
+                           (["--control-image", ref, "--controlnet", str(tmp_path / "t2i")], "not both"),
+                           (["--control-image", ref, "--t2i-adapter", str(tmp_path / "not-t2i")],
+                            r"not-t2i is not a diffusers T2I-Adapter folder: .* found ControlNetModel")):  # fmt: skip
+        assert main([*no_control, *extra]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert main(["generate", "--image", ref, "--t2i-adapter-scale", "0.5", "--out", str(tmp_path)]) == 2
+    assert "--t2i-adapter-scale acts only with --t2i-adapter" in capsys.readouterr().err
+
+
 def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(setup, tmp_path):
     root, base, encoder = setup
     Image.linear_gradient("L").resize((32, 32)).convert("RGB").save(tmp_path / "ref2.png")

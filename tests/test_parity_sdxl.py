@@ -1,5 +1,5 @@
 """SDXL: InstantStyle block dicts (one adapter, and two adapters with a dict each), Plus, several images without
-guidance, image-to-image, inpainting and ControlNet: the same pixels as diffusers' built-in IP-Adapter."""
+guidance, image-to-image, inpainting, ControlNet and T2I-Adapter: the same pixels as diffusers' built-in IP-Adapter."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_sdxl_instantstyle_with_two_adapters_matches_diffusers(sdxl):
         prompter.detach()
 
 
-@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet", "t2i_adapter"])
 def test_sdxl_pipeline_kinds_match_diffusers(sdxl, kind):
     from diffusers import (ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline,
                            StableDiffusionXLInpaintPipeline, UNet2DConditionModel)
@@ -79,6 +79,14 @@ def test_sdxl_pipeline_kinds_match_diffusers(sdxl, kind):
     elif kind == "inpaint":
         cls, call = StableDiffusionXLInpaintPipeline, {"image": start, "mask_image": Image.fromarray(square),
                                                       "strength": 0.9, **SIZE}  # fmt: skip
+    elif kind == "t2i_adapter":
+        from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
+
+        torch.manual_seed(0)
+        t2i = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4,
+                         adapter_type="full_adapter_xl")  # fmt: skip
+        cls, extra = StableDiffusionXLAdapterPipeline, {"adapter": t2i}
+        call = {"image": Image.fromarray(np.stack([square] * 3, -1)), "adapter_conditioning_scale": 0.9, **SIZE}
     else:
         torch.manual_seed(3)
         controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"),

@@ -88,6 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # options that only act beside another one: given alone they would be silently ignored
     for flag, name, needs, needed in (("--strength", "strength", "--init-image", "init_image"),
                                       ("--controlnet-scale", "controlnet_scale", "--controlnet", "controlnet"),
+                                      ("--t2i-adapter-scale", "t2i_adapter_scale", "--t2i-adapter", "t2i_adapter"),
                                       ("--content-scale", "content_scale", "--content-text", "content_text")):  # fmt: skip
         if name in values and not values.get(needed):
             raise ValueError(f"{flag} acts only with {needs}, which was not given")
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet", help="ControlNet folder or hub id (sees the text prompt only)")
     p.add_argument("--control-image", help="the ControlNet's condition image")
     p.add_argument("--controlnet-scale", type=float, help="controlnet_conditioning_scale (default: 1.0)")
+    p.add_argument("--t2i-adapter", help="T2I-Adapter folder or hub id, with --control-image (text-to-image)")
+    p.add_argument("--t2i-adapter-scale", type=float, help="adapter_conditioning_scale (default: 1.0)")
     p.add_argument("--out", help="output folder (default: outputs)")
     p.add_argument("--device", help="torch device (default: cpu)")
     p.add_argument("--dtype", help="weights dtype: float32 (default), float16 (GPUs), bfloat16")

@@ -67,6 +67,8 @@ class GenerateConfig:
     controlnet: str = ""  # ControlNet folder or hub id (it sees the text tokens only)
     control_image: str = ""  # the ControlNet's condition image
     controlnet_scale: float = 1.0  # controlnet_conditioning_scale
+    t2i_adapter: str = ""  # T2I-Adapter folder or hub id (text-to-image; it sees the condition image, not the prompt)
+    t2i_adapter_scale: float = 1.0  # adapter_conditioning_scale
     out: str = "outputs"  # output folder
     device: str = "cpu"  # where to run
     dtype: str = "float32"  # weights of the pipeline, ControlNet, adapter and image encoder (float16 / bfloat16)
@@ -108,6 +110,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError(f"expected one --negative-image, or one per --image ({len(cfg.images)}), found "
                          f"{len(cfg.negative_images)}")  # fmt: skip
     for flag, value in (("--image-encoder", cfg.image_encoder), ("--controlnet", cfg.controlnet),
+                        ("--t2i-adapter", cfg.t2i_adapter),
                         ("--content-text-encoder", cfg.content_text_encoder)):  # fmt: skip
         check_local_model(flag, value)
     adapter = resolve_adapter(cfg.adapter)
@@ -123,6 +126,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
         raise ValueError("--width / --height do not apply with --init-image: image-to-image keeps the init image's size")
     numbers = {"--scale": cfg.scale, "--composition-scale": cfg.composition_scale, "--boost": cfg.boost,
                "--content-scale": cfg.content_scale, "--guidance": cfg.guidance, "--controlnet-scale": cfg.controlnet_scale,
+               "--t2i-adapter-scale": cfg.t2i_adapter_scale,
                "--weights": sum(cfg.weights), "--s-scale": cfg.s_scale, "--pag-scale": cfg.pag_scale}  # fmt: skip
     for flag, value in numbers.items():
         if value is not None and not math.isfinite(value):
@@ -156,8 +160,22 @@ def check_inputs(cfg: GenerateConfig) -> None:
             count = tensors["features"].shape[0] if "features" in tensors else 0
         if len(cfg.weights) != count:
             raise ValueError(f"expected one --weights value per reference image ({count}), found {len(cfg.weights)}")
-    if bool(cfg.controlnet) != bool(cfg.control_image):
-        raise ValueError("--controlnet and --control-image go together; found only one of them")
+    if cfg.controlnet and cfg.t2i_adapter:
+        raise ValueError("pass --controlnet or --t2i-adapter, not both (diffusers has no pipeline with both)")
+    if bool(cfg.controlnet or cfg.t2i_adapter) != bool(cfg.control_image):
+        raise ValueError("--controlnet / --t2i-adapter and --control-image go together; found only one of them")
+    if cfg.t2i_adapter and cfg.init_image:
+        raise ValueError("--t2i-adapter generates from text (diffusers' T2I-Adapter pipelines have no image-to-image "
+                         "or inpainting); found --init-image")  # fmt: skip
+    if cfg.t2i_adapter and cfg.pag_scale > 0:
+        raise ValueError("--t2i-adapter with --pag-scale: diffusers has no perturbed-attention guidance T2I-Adapter "
+                         "pipeline")  # fmt: skip
+    if cfg.t2i_adapter and Path(cfg.t2i_adapter).exists():
+        config = Path(cfg.t2i_adapter) / "config.json"
+        kind = read_config(config).get("_class_name") if config.is_file() else None
+        if kind not in ("T2IAdapter", "MultiAdapter"):
+            raise ValueError(f"{cfg.t2i_adapter} is not a diffusers T2I-Adapter folder: expected config.json with "
+                             f"_class_name T2IAdapter, found {'no config.json' if kind is None else kind}")  # fmt: skip
     if cfg.controlnet and Path(cfg.controlnet).exists() and not (Path(cfg.controlnet) / "config.json").is_file():
         raise FileNotFoundError(f"{cfg.controlnet} is not a diffusers ControlNet folder: config.json missing")
     if cfg.inpaint_mask and not cfg.init_image:
@@ -523,9 +541,13 @@ def generate(cfg: GenerateConfig) -> list[Path]:
 
         controlnet = ControlNetModel.from_pretrained(cfg.controlnet, **diffusers_dtype(dtype))
     pag = {"enable_pag": True, "pag_applied_layers": cfg.pag_layers or ["mid"]} if cfg.pag_scale > 0 else {}
+    if cfg.t2i_adapter:
+        from diffusers import T2IAdapter
+
+        pag["t2i_adapter"] = T2IAdapter.from_pretrained(cfg.t2i_adapter, **diffusers_dtype(dtype))
     pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, kind=kind, controlnet=controlnet, config=cfg.base_config,
                          **pag)  # fmt: skip
-    if pag:
+    if cfg.pag_scale > 0:
         check_pag_layers(pipe.unet, pag["pag_applied_layers"])
     pipe.set_progress_bar_config(disable=not cfg.show_progress)
     defaults = inspect.signature(pipe.__call__).parameters  # record what the pipeline will really use
@@ -567,6 +589,8 @@ def generate(cfg: GenerateConfig) -> list[Path]:
         kwargs.update(image=load_image(cfg.init_image), strength=cfg.strength)
     if cfg.inpaint_mask:
         kwargs.update(mask_image=load_image(cfg.inpaint_mask))
+    if cfg.t2i_adapter:  # the condition image at the output's size (the pipeline resizes it to height x width)
+        kwargs.update(image=load_image(cfg.control_image), adapter_conditioning_scale=cfg.t2i_adapter_scale)
     if controlnet is not None:
         key = "control_image" if cfg.init_image else "image"
         kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})

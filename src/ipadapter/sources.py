@@ -91,6 +91,22 @@ def resolve_adapter(adapter: str) -> str:
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def _t2i_adapter_class(path: str, config: str = ""):
+    """diffusers' T2I-Adapter pipeline class for a base: SDXL's for an SDXL folder or single file, else SD's."""
+    from diffusers import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
+
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        sdxl = "XL" in json.loads((p / "model_index.json").read_text()).get("_class_name", "")
+    elif p.is_file():
+        sdxl = single_file_is_sdxl(p, config)
+    else:  # a hub id: its model_index.json through diffusers' cache
+        from diffusers import DiffusionPipeline
+
+        sdxl = "XL" in DiffusionPipeline.load_config(path).get("_class_name", "")
+    return StableDiffusionXLAdapterPipeline if sdxl else StableDiffusionAdapterPipeline
+
+
 def looks_local(name: str) -> bool:
     """Whether a model argument is written as a path rather than a hub id (owner/name): absolute, relative with
     ./ or ../, from ~, with a trailing slash, or more than two parts (a "::subfolder" suffix aside)."""
@@ -213,6 +229,12 @@ def load_pipeline(base: str = "tinyworld", dtype: torch.dtype = torch.float32, d
     # AutoPipeline's own options (e.g. enable_pag, pag_applied_layers: the PAG variant of the pipeline) choose the
     # class, so they go where the class is chosen: from_pipe for a single file
     extra.update({k: kwargs.pop(k) for k in ("enable_pag", "pag_applied_layers") if k in kwargs})
+    t2i_adapter = kwargs.pop("t2i_adapter", None)  # a T2IAdapter: diffusers' (SD / SDXL) T2I-Adapter pipeline
+    if t2i_adapter is not None:
+        if kind != "text2image" or controlnet is not None:
+            raise ValueError("a T2I-Adapter pipeline generates from text, without a ControlNet")
+        classes = {"text2image": _t2i_adapter_class(path, config)}
+        extra["adapter"] = t2i_adapter
     p = Path(path)
     check_base(path)
     if p.is_file():
