@@ -368,7 +368,7 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
     IPAdapter.for_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), "faceid").save(faceid)
     cases = [
         ([*ref, "--preset", "stlye"], "unknown --preset 'stlye'; expected one of linear"),
-        ([*ref, "--controlnet", str(tmp_path)], "--controlnet and --control-image go together"),
+        ([*ref, "--controlnet", str(tmp_path)], "--controlnet / --t2i-adapter and --control-image go together"),
         ([*ref, "--mask", str(tmp_path / "nomask.png")], "image not found: .*nomask.png"),
         ([*ref, "--weights", "1", "2"], r"one --weights value per reference image \(1\), found 2"),
         ([*ref, "--face-id", str(tmp_path / "face.npy")], "not found: .*face.npy"),
