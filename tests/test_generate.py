@@ -269,6 +269,11 @@ def test_t2i_adapter_beside_the_image_prompt(setup, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
     assert main(["generate", "--image", ref, "--t2i-adapter-scale", "0.5", "--out", str(tmp_path)]) == 2
     assert "--t2i-adapter-scale acts only with --t2i-adapter" in capsys.readouterr().err
+    # a one-channel adapter (canny, sketch) reads the condition as greyscale (it crashed at the first step)
+    T2IAdapter(in_channels=1, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=2,
+               adapter_type="full_adapter").save_pretrained(tmp_path / "t2i-edges")  # fmt: skip
+    edges = [*args[: args.index("--t2i-adapter") + 1], str(tmp_path / "t2i-edges"), *args[args.index("--t2i-adapter") + 2:]]
+    assert main([*edges, "--out", str(tmp_path / "edges")]) == 0
 
 
 def test_saved_embeddings_reproduce_the_images_and_controls_reach_the_pixels(setup, tmp_path):
@@ -326,6 +331,9 @@ def test_saved_embeddings_need_no_image_encoder_and_the_png_reruns(setup, tmp_pa
     assert np.abs(a - b).max() <= 1
     again = generate(GenerateConfig(**read_parameters(tmp_path / "a" / "000003-000.png"), show_progress=False))
     assert np.abs(np.asarray(Image.open(again[0])).astype(int) - a).max() <= 1
+    assert main(["generate", "--embeds", str(embeds), *common, "--base", str(alone), "--negative-image",
+                 str(root / "ref.png")]) == 2  # an image to encode, and no encoder: said before any model loads
+    assert "--negative-image is encoded by" in capsys.readouterr().err
     features, meta = load_embeds(embeds)
     save_embeds(tmp_path / "old.safetensors", features, meta["feature"])  # as written before: no unconditional
     assert main(["generate", "--embeds", str(tmp_path / "old.safetensors"), *common, "--base", str(alone)]) == 2
@@ -376,6 +384,10 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
         (["--face-image", str(root / "ref.png"), "--adapter", str(faceid), "--insightface-root", str(tmp_path)],
          "insightface"),  # not installed here, or no model pack: named
     ]
+    np.save(tmp_path / "one-face.npy", np.zeros((1, 512), np.float32))
+    cases.append((["--face-id", str(tmp_path / "one-face.npy"), "--adapter", str(faceid), "--base", base,
+                   "--pag-scale", "2"], r"--pag-scale with ip-adapter-faceid.safetensors \(faceid\): perturbed-"
+                                        r"attention guidance replaces the self-attention processors"))  # fmt: skip
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
         assert re.search(message, capsys.readouterr().err, re.M), message

@@ -30,6 +30,23 @@ def _prompter(cls, root, base, encoder_folder, **extra) -> ImagePrompter:
                          ImageEncoder.from_pretrained(encoder_folder))  # fmt: skip
 
 
+def test_layouts_trace_with_a_dynamic_batch_and_a_new_layout_takes_effect():
+    """torch.compile traces the rows of a layout for a batch size it marks dynamic (divmod on a SymInt broke the
+    graph: every generation recompiled under dynamic CFG), and setting a layout drops the per-layer plans built for
+    the previous one (the next call of the same batch size reused its rows)."""
+    from ipadapter.state import PromptState
+
+    cond, uncond = torch.ones(1, 2, 3), -torch.ones(1, 2, 3)
+    layout = BatchLayout(images=1, chunks={1: "c", 2: "uc", 3: "ucc"})
+    rows = torch.compile(lambda n: rows_for(cond, uncond, n, cfg=True, layout=layout), backend="eager",
+                         dynamic=True, fullgraph=True)  # fmt: skip
+    assert rows(3)[:, 0, 0].tolist() == [-1, 1, 1] and rows(2)[:, 0, 0].tolist() == [-1, 1]
+    state = PromptState(num_layers=1)
+    state.plans[0] = "built for the previous layout"
+    state.layout = layout
+    assert not state.plans
+
+
 def test_layout_gives_each_chunk_its_rows():
     cond, uncond = torch.tensor([[1.0], [2.0]]), torch.tensor([[-1.0], [-2.0]])  # two prompts
     layout = BatchLayout(images=4, chunks={1: "c", 3: "cuu"})  # two images per prompt
@@ -110,6 +127,22 @@ def test_instruct_pix2pix_matches_diffusers(sd, tmp_path, image_guidance):
     finally:
         prompter.detach()
     assert abs(expected - found).max() <= 1e-5
+
+
+def test_perturbed_attention_guidance_with_a_faceid_lora_is_refused(tmp_path):
+    """PAG swaps its layers' self-attention processors during the call, and a FaceID adapter's LoRA is applied by
+    ours: those layers would run without it (0.08 off diffusers' FaceID under PAG), so the combination is refused."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    root, base, encoder_folder = sd_folders(tmp_path, {"faceid": 3})
+    prompter = ImagePrompter(ours(StableDiffusionPAGPipeline, base, pag_applied_layers=["down"]),
+                             IPAdapter.from_file(root / "faceid.bin"))  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="perturbed-attention guidance replaces the self-attention processors"):
+            run(prompter, face_id=torch.randn(512), pag_scale=2.0)
+        run(prompter, face_id=torch.randn(512), pag_scale=0.0)  # without PAG it runs
+    finally:
+        prompter.detach()
 
 
 def _guidance_off_after(step: int):

@@ -424,6 +424,10 @@ def check_models(cfg: GenerateConfig) -> None:
             raise ValueError(f"{name} does not fit the base {cfg.base}: {error}") from error
         if cfg.controlnet:
             check_controlnet(cfg, unet)
+    if cfg.pag_scale > 0 and found.lora_rank:
+        raise ValueError(f"--pag-scale with {name}: perturbed-attention guidance replaces the "
+                         "self-attention processors of its layers during the call, and this FaceID adapter's LoRA is "
+                         "applied by ours there; generate without --pag-scale")  # fmt: skip
     if reads_images:
         encoder = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not encoder and not cfg.embeds:
@@ -437,6 +441,10 @@ def check_models(cfg: GenerateConfig) -> None:
             raise ValueError(f"--embeds {cfg.embeds} holds no unconditional features (written by an older ipadapter), "
                              f"which {name} ({found.variant}) needs for guidance without its image encoder "
                              f"({found.image_encoder_name}); pass --image-encoder")  # fmt: skip
+        if not encoder and cfg.embeds and (cfg.negative_images or cfg.composition_image):  # images to encode
+            given = "--negative-image" if cfg.negative_images else "--composition-image"
+            raise ValueError(f"{given} is encoded by {found.image_encoder_name}, and --embeds {cfg.embeds} is used "
+                             "without an image encoder; pass --image-encoder")  # fmt: skip
         if encoder:
             check_encoder_folder(found, encoder)
     if cfg.embeds:
@@ -590,7 +598,10 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     if cfg.inpaint_mask:
         kwargs.update(mask_image=load_image(cfg.inpaint_mask))
     if cfg.t2i_adapter:  # the condition image at the output's size (the pipeline resizes it to height x width)
-        kwargs.update(image=load_image(cfg.control_image), adapter_conditioning_scale=cfg.t2i_adapter_scale)
+        control = load_image(cfg.control_image)  # RGB
+        if getattr(pipe.adapter.config, "in_channels", 3) == 1:  # canny / sketch adapters read one channel ("L")
+            control = control.convert("L")
+        kwargs.update(image=control, adapter_conditioning_scale=cfg.t2i_adapter_scale)
     if controlnet is not None:
         key = "control_image" if cfg.init_image else "image"
         kwargs.update({key: load_image(cfg.control_image), "controlnet_conditioning_scale": cfg.controlnet_scale})

@@ -550,6 +550,12 @@ class ImagePrompter:
             n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         cfg = self._uses_cfg(guidance_scale)
         layout = self.batch_layout(n_prompts * num_images_per_prompt, controls)
+        if layout.chunks.get(2) == "cc" and any(a.lora is not None for a in self.adapters):
+            # diffusers' PAG pipelines swap the processors of their layers' self-attention for their own during the
+            # call, and a FaceID adapter's LoRA lives in ours (diffusers' own FaceID keeps it in the Linear layers
+            # through PEFT, which PAG leaves alone): those layers would run without it
+            raise ValueError("perturbed-attention guidance replaces the self-attention processors of its layers, "
+                             "which hold this FaceID adapter's LoRA: set pag_scale=0 (or no pag_applied_layers)")
         try:
             for slot, p in enumerate(prompts):
                 self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))

@@ -86,7 +86,9 @@ class BatchLayout:
 
     def kinds(self, batch_size: int) -> str:
         """The chunk kinds of a UNet batch of `batch_size` rows, or a ValueError naming the layouts expected."""
-        k, rest = divmod(batch_size, self.images)
+        # `//` and `%`, not divmod(): under torch.compile a batch size that changed between calls is symbolic, and
+        # dynamo cannot trace divmod() on it (the layer falls back to eager and recompiles at every call)
+        k, rest = batch_size // self.images, batch_size % self.images
         if rest or k not in self.chunks:
             fits = sorted(self.chunks.items())
             expected = ", ".join(f"{n * self.images} ({'+'.join(KIND[c] for c in v)})" for n, v in fits)
@@ -249,6 +251,7 @@ class PromptState:
         if value != self._layout:
             self._layout = value
             self._cache.clear()  # rows per batch size follow the layout
+            self.plans.clear()  # and so do the keys/values each layer keeps per query shape (`ImageBranch.terms`)
 
     def _check_set(self) -> None:
         if not self.groups:
