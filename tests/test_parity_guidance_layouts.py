@@ -247,3 +247,18 @@ def test_a_guidance_embedding_unet_in_a_pipeline_that_still_guides_matches_diffu
     finally:
         prompter.detach()
     assert abs(expected - found).max() <= 1e-5
+
+
+def test_a_misspelt_keyword_is_refused_not_dropped(sd):
+    """diffusers' pipelines take **kwargs and ignore what they do not know: `tile_grid=3` or `gudiance_scale=2` went
+    to the pipeline and changed nothing."""
+    from diffusers import StableDiffusionPipeline
+
+    root, base, encoder_folder = sd
+    prompter = _prompter(StableDiffusionPipeline, root, base, encoder_folder)
+    try:
+        with pytest.raises(ValueError, match=r"unknown argument\(s\) gudiance_scale, tile_grid: neither an ImagePrompt "
+                                             r"field nor a parameter of StableDiffusionPipeline"):  # fmt: skip
+            run(prompter, image=refs()[0], tile_grid=3, gudiance_scale=2.0)
+    finally:
+        prompter.detach()

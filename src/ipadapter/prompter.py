@@ -538,6 +538,14 @@ class ImagePrompter:
                 controls["image"] = image
         if len(prompts) != len(self.adapters):
             raise ValueError(f"expected one ImagePrompt per adapter ({len(self.adapters)}), found {len(prompts)}")
+        params = inspect.signature(self.pipe.__call__).parameters
+        if any(q.kind == inspect.Parameter.VAR_KEYWORD for q in params.values()):
+            # diffusers' pipelines take **kwargs (for deprecated callbacks) and ignore the rest: a misspelt control
+            # would be dropped silently
+            unknown = sorted(k for k in controls if k not in params and k not in ("callback", "callback_steps"))
+            if unknown:
+                raise ValueError(f"unknown argument(s) {', '.join(unknown)}: neither an ImagePrompt field nor a "
+                                 f"parameter of {type(self.pipe).__name__}")  # fmt: skip
         self._check_attached()
         if prompt == "" and controls.get("prompt_embeds") is not None:  # (diffusers refuses a prompt beside them)
             prompt = None
