@@ -338,6 +338,9 @@ def test_saved_embeddings_need_no_image_encoder_and_the_png_reruns(setup, tmp_pa
     save_embeds(tmp_path / "old.safetensors", features, meta["feature"])  # as written before: no unconditional
     assert main(["generate", "--embeds", str(tmp_path / "old.safetensors"), *common, "--base", str(alone)]) == 2
     assert "holds no unconditional features (written by an older ipadapter), which" in capsys.readouterr().err
+    # without guidance no unconditional branch runs: nothing is missing
+    assert main(["generate", "--embeds", str(tmp_path / "old.safetensors"), *common, "--base", str(alone),
+                 "--guidance", "1", "--out", str(tmp_path / "unguided")]) == 0  # fmt: skip
 
 
 def test_image_mask_alpha_is_each_references_transparency(setup, tmp_path, capsys):

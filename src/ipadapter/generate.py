@@ -437,7 +437,9 @@ def check_models(cfg: GenerateConfig) -> None:
                 "does not exist here"  # (owner/name, a hub id, is also how a relative path looks)  # fmt: skip
             raise ValueError(f"{name} needs {found.image_encoder_name}; pass --image-encoder (the base {cfg.base} "
                              f"{where})")  # fmt: skip
-        if not encoder and cfg.embeds and found.image_feature == "penultimate" and not has_unconditional(cfg.embeds):
+        guided = cfg.guidance is None or cfg.guidance > 1  # (None: the pipeline's default, > 1 for SD and SDXL)
+        if not encoder and cfg.embeds and found.image_feature == "penultimate" and guided and \
+                not has_unconditional(cfg.embeds):  # fmt: skip
             raise ValueError(f"--embeds {cfg.embeds} holds no unconditional features (written by an older ipadapter), "
                              f"which {name} ({found.variant}) needs for guidance without its image encoder "
                              f"({found.image_encoder_name}); pass --image-encoder")  # fmt: skip

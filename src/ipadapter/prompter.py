@@ -301,7 +301,7 @@ class ImagePrompter:
 
     @torch.no_grad()
     def _prompt_tokens(self, slot: int, refs: list | None, negatives: list | None, face: torch.Tensor | None,
-                       p: ImagePrompt, row: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                       p: ImagePrompt, row: int, cfg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(cond, uncond) tokens (1, T, C) of one prompt row."""
         adapter, encoder = self.adapters[slot], self.encoders[slot]
         feature = adapter.config.image_feature
@@ -341,8 +341,8 @@ class ImagePrompter:
                     raise ValueError(f"unconditional features {tuple(uncond.shape)} do not match the references' "
                                      f"{tuple(cond_feats.shape[1:])}")  # fmt: skip
                 uncond_feats = uncond.reshape(1, *cond_feats.shape[1:]).expand_as(cond_feats)
-            elif feature == "pooled":  # precomputed features without an encoder: zeros, as training dropped them
-                uncond_feats = torch.zeros_like(cond_feats)
+            elif feature == "pooled" or not cfg:  # precomputed features without an encoder: zeros, as training
+                uncond_feats = torch.zeros_like(cond_feats)  # dropped pooled ones (without guidance: unused)
             else:
                 raise ValueError(
                     f"precomputed {feature} features without an ImageEncoder: the unconditional branch needs the "
@@ -415,7 +415,7 @@ class ImagePrompter:
                 key = (id(ref), id(neg), None if face is None else min(i, faces.shape[0] - 1),
                        i if p.content_embeds is not None else None)  # fmt: skip
                 if key not in seen:
-                    seen[key] = self._prompt_tokens(slot, ref, neg, face, p, i)
+                    seen[key] = self._prompt_tokens(slot, ref, neg, face, p, i, cfg)
                 rows.append(seen[key])
             if len({r[0].shape for r in rows}) > 1:
                 raise ValueError("with combine='concat' every prompt needs the same number of references; found "
