@@ -62,6 +62,9 @@ def test_seed_gives_the_pixels_diffusers_gives(setup, tmp_path):
     assert ours.shape == (32, 24, 3)
     assert np.abs(ours.astype(int) - np.asarray(theirs).astype(int)).max() <= 1
     assert read_parameters(tmp_path / "sized" / "000005-000.png")["width"] == 24
+    with Image.open(tmp_path / "sized" / "000005-000.png") as png:  # the A1111-style line, as image viewers read it
+        assert png.text["parameters"].splitlines()[2].startswith(
+            f"Steps: 3, Sampler: {type(pipe.scheduler).__name__}, CFG scale: 7.5, Seed: 5, Size: 24x32, Model: {base}, ")
 
 
 def test_half_precision_gives_the_pixels_diffusers_gives_in_half_precision(setup, tmp_path, monkeypatch):
@@ -259,12 +262,17 @@ def test_t2i_adapter_beside_the_image_prompt(setup, tmp_path, capsys):
 
     (tmp_path / "not-t2i").mkdir()
     (tmp_path / "not-t2i" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    T2IAdapter(in_channels=3, channels=[16, 32, 32, 32], num_res_blocks=1, downscale_factor=2,
+               adapter_type="full_adapter").save_pretrained(tmp_path / "t2i-other")  # for a narrower UNet
     no_control = args[: args.index("--control-image")] + ["--out", str(tmp_path)]
     for extra, message in (([], r"--controlnet / --t2i-adapter and --control-image go together"),
                            (["--control-image", ref, "--init-image", ref], r"--t2i-adapter generates from text"),
                            (["--control-image", ref, "--controlnet", str(tmp_path / "t2i")], "not both"),
                            (["--control-image", ref, "--t2i-adapter", str(tmp_path / "not-t2i")],
-                            r"not-t2i is not a diffusers T2I-Adapter folder: .* found ControlNetModel")):  # fmt: skip
+                            r"not-t2i is not a diffusers T2I-Adapter folder: .* found ControlNetModel"),
+                           (["--control-image", ref, "--t2i-adapter", str(tmp_path / "t2i-other")],
+                            r"the T2I-Adapter .*t2i-other does not fit the base's UNet: its feature maps have 16 "
+                            r"channels at 1/\d+, 32 channels .* the UNet's down blocks have \[32, 64")):  # fmt: skip
         assert main([*no_control, *extra]) == 2
         assert re.search(message, capsys.readouterr().err)
     assert main(["generate", "--image", ref, "--t2i-adapter-scale", "0.5", "--out", str(tmp_path)]) == 2
@@ -387,10 +395,6 @@ def test_bad_control_inputs_are_named(setup, tmp_path, capsys, monkeypatch):
         (["--face-image", str(root / "ref.png"), "--adapter", str(faceid), "--insightface-root", str(tmp_path)],
          "insightface"),  # not installed here, or no model pack: named
     ]
-    np.save(tmp_path / "one-face.npy", np.zeros((1, 512), np.float32))
-    cases.append((["--face-id", str(tmp_path / "one-face.npy"), "--adapter", str(faceid), "--base", base,
-                   "--pag-scale", "2"], r"--pag-scale with ip-adapter-faceid.safetensors \(faceid\): perturbed-"
-                                        r"attention guidance replaces the self-attention processors"))  # fmt: skip
     for extra, message in cases:
         assert main(["generate", *extra, "--base", str(tmp_path / "no-model")]) == 2
         assert re.search(message, capsys.readouterr().err, re.M), message
@@ -683,3 +687,37 @@ def test_sdxl_content_subtraction_uses_the_bases_own_bigg_text_tower(tmp_path, c
     vith = [a.replace("bigg", "vith") for a in common]
     assert main([*vith, *runs["default"], "--out", str(tmp_path / "vith-out")]) == 2
     assert "text tower's embeddings are 32-d and this adapter's image embeddings 40-d" in capsys.readouterr().err
+
+
+def test_t2i_adapters_are_checked_against_the_real_sd15_and_sdxl_unets(tmp_path):
+    """The fit of a T2I-Adapter folder is checked from its config before any model loads (diffusers failed in the
+    first denoising step): TencentARC's SD1.5 and SDXL adapters' configs fit their own base's real UNet config, and
+    an SD1.5 adapter on SDXL is refused with both sides named."""
+    import json
+    import shutil
+
+    from tiny_models import REFERENCE
+
+    from ipadapter.generate import GenerateConfig, check_t2i_adapter, unet_config
+
+    adapters = {"sd15": {"adapter_type": "full_adapter", "downscale_factor": 8, "in_channels": 1},  # canny_sd15v2
+                "sdxl": {"adapter_type": "full_adapter_xl", "downscale_factor": 16, "in_channels": 3}}  # fmt: skip
+    for family, fields in adapters.items():
+        (tmp_path / family / "unet").mkdir(parents=True)
+        (tmp_path / family / "vae").mkdir()
+        shutil.copy(REFERENCE / family / "unet_config.json", tmp_path / family / "unet" / "config.json")
+        shutil.copy(REFERENCE / family / "vae_config.json", tmp_path / family / "vae" / "config.json")
+        (tmp_path / f"t2i-{family}").mkdir()
+        (tmp_path / f"t2i-{family}" / "config.json").write_text(json.dumps(
+            {"_class_name": "T2IAdapter", "channels": [320, 640, 1280, 1280], "num_res_blocks": 2, **fields}))
+
+    def check(base: str, adapter: str) -> None:
+        cfg = GenerateConfig(base=str(tmp_path / base), t2i_adapter=str(tmp_path / f"t2i-{adapter}"))
+        check_t2i_adapter(cfg, unet_config(cfg))
+
+    check("sd15", "sd15")
+    check("sdxl", "sdxl")
+    with pytest.raises(ValueError, match=r"t2i-sd15 does not fit the base's UNet: its feature maps have 320 channels "
+                                         r"at 1/8, 640 channels at 1/16, .* the UNet's down blocks have \[320, 640, "
+                                         r"1280\] channels, from latents at 1/8 of the image"):  # fmt: skip
+        check("sdxl", "sd15")

@@ -129,20 +129,31 @@ def test_instruct_pix2pix_matches_diffusers(sd, tmp_path, image_guidance):
     assert abs(expected - found).max() <= 1e-5
 
 
-def test_perturbed_attention_guidance_with_a_faceid_lora_is_refused(tmp_path):
-    """PAG swaps its layers' self-attention processors during the call, and a FaceID adapter's LoRA is applied by
-    ours: those layers would run without it (0.08 off diffusers' FaceID under PAG), so the combination is refused."""
+def test_perturbed_attention_guidance_keeps_a_faceid_lora(tmp_path):
+    """PAG swaps its layers' self-attention processors during the call; a FaceID adapter's LoRA sits on the Linear
+    layers (as diffusers' PEFT LoRA does), so it acts there too: the pixels of diffusers' FaceID under PAG (a LoRA
+    kept by our processors was lost on those layers: 0.08 off)."""
     from diffusers import StableDiffusionPAGPipeline
 
     root, base, encoder_folder = sd_folders(tmp_path, {"faceid": 3})
+    face = torch.randn(512, generator=torch.Generator().manual_seed(0))
+    call = {"pag_scale": 2.0, "num_images_per_prompt": 2}
+    pipe = theirs(StableDiffusionPAGPipeline, base, encoder_folder, root, "faceid.bin", pag_applied_layers=["down"])
+    pipe.set_ip_adapter_scale(0.7)
+    expected = run(pipe, ip_adapter_image_embeds=[torch.stack([torch.zeros(1, 512), face[None]])], **call)
     prompter = ImagePrompter(ours(StableDiffusionPAGPipeline, base, pag_applied_layers=["down"]),
                              IPAdapter.from_file(root / "faceid.bin"))  # fmt: skip
     try:
-        with pytest.raises(ValueError, match="perturbed-attention guidance replaces the self-attention processors"):
-            run(prompter, face_id=torch.randn(512), pag_scale=2.0)
-        run(prompter, face_id=torch.randn(512), pag_scale=0.0)  # without PAG it runs
+        found = run(prompter, face_id=face, scale=0.7, **call)
+        lora_off = prompter.adapter.lora
+        with torch.no_grad():
+            for p in lora_off.parameters():
+                p.zero_()
+        without_lora = run(prompter, face_id=face, scale=0.7, **call)
     finally:
         prompter.detach()
+    assert abs(expected - without_lora).max() > 1e-3  # the LoRA changes these images
+    assert abs(expected - found).max() <= 1e-5
 
 
 def _guidance_off_after(step: int):

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer, LoRABranch
+from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer
 from .blocks import layer_weights
 from .config import AdapterConfig, ResamplerConfig, base_family, image_encoder_name
 from .layers import AttentionLayer, attention_layers, cross_attention_layers
-from .lora import AttentionLoRA
+from .lora import AttentionLoRA, hook_lora
 from .projection import build_projection
 from .state import PromptState
 from .variants import get_variant
@@ -53,7 +53,10 @@ class IPAdapter(nn.Module):
         self.layer_names: list[str] = []  # the adapted cross-attention layers of the UNet it is attached to
         self._concat_hook = None  # concat adapters: the UNet pre-hook that appends the image tokens
         self._unet: weakref.ref | None = None  # the UNet attached to (a weak reference: not a submodule)
-        self._processor_names: list[str] = []  # the attention layers of `_processors`, by name
+        # FaceID: the LoRA's hooks on every attention layer's q/k/v/out (a processor that bypasses those Linear layers,
+        # e.g. fuse_qkv_projections()' fused one, replaces the cross-attention layers' processors too, which
+        # `check_attached` reports)
+        self._lora_hooks: list = []
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -201,25 +204,18 @@ class IPAdapter(nn.Module):
             self.layer_names = [layer.name for layer in cross]
             self._concat_hook = unet.register_forward_pre_hook(self._append_tokens, with_kwargs=True)
             return self
-        targets: dict[str, tuple[nn.Module, ImageBranch | None, LoRABranch | None]] = {}
-        for i, layer in enumerate(cross):
-            targets[layer.name] = (layer.module, ImageBranch(self, self.layers[i], i, self.state), None)
-        if self.lora is not None:
-            for j, layer in enumerate(attention_layers(unet)):
-                module, image_branch, _ = targets.get(layer.name, (layer.module, None, None))
-                targets[layer.name] = (module, image_branch, LoRABranch(self, self.lora[j]))
         self.layer_names = [layer.name for layer in cross]
-        self._processor_names = list(targets)
-        for module, image_branch, lora_branch in targets.values():
+        for i, layer in enumerate(cross):
+            module = layer.module
             processor = module.processor
             if not isinstance(processor, DecoupledAttnProcessor):
                 processor = DecoupledAttnProcessor(previous=module.processor)
                 module.set_processor(processor)
-            if image_branch is not None:
-                processor.image_branches.append(image_branch)
-            if lora_branch is not None:
-                processor.lora_branches.append(lora_branch)
+            processor.image_branches.append(ImageBranch(self, self.layers[i], i, self.state))
             self._processors.append((module, processor))
+        if self.lora is not None:  # on every attention layer, self-attention included, as hooks (see `hook_lora`)
+            for j, layer in enumerate(attention_layers(unet)):
+                self._lora_hooks += hook_lora(layer.module, self.lora[j])
         return self
 
     def _append_tokens(self, module, args, kwargs):
@@ -255,6 +251,9 @@ class IPAdapter(nn.Module):
             if processor.empty and module.processor is processor:
                 module.set_processor(processor.previous)
         self._processors = []
+        for handle in self._lora_hooks:
+            handle.remove()
+        self._lora_hooks = []
         self._unet = None
         self.state.clear()
 
@@ -274,7 +273,7 @@ class IPAdapter(nn.Module):
                 "this adapter is attached to another UNet than this pipeline's (pipe.unet was replaced, or the "
                 "adapter was attached elsewhere): adapter.detach(), then a new ImagePrompter on this pipeline"
             )
-        for (module, processor), name in zip(self._processors, self._processor_names):
+        for (module, processor), name in zip(self._processors, self.layer_names):
             if module.processor is not processor:
                 raise ValueError(
                     f"the attention processor of {name} was replaced after this adapter was attached (it is now "
@@ -285,7 +284,7 @@ class IPAdapter(nn.Module):
 
     def co_attached(self) -> set[nn.Module]:
         """The other adapters attached to the same attention layers as this one."""
-        owners = {b.owner for _, p in self._processors for b in (*p.image_branches, *p.lora_branches)}
+        owners = {b.owner for _, p in self._processors for b in p.image_branches}
         return owners - {self}
 
     # ---- run-time inputs ----------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 `DecoupledAttnProcessor` replaces a diffusers attention processor. Its text attention is diffusers'
 `AttnProcessor2_0` step for step, so with no image branch active the layer computes exactly what it did before.
 Each attached adapter adds one `ImageBranch` (its own `to_k_ip` / `to_v_ip` over its image tokens, with the same
-query), and optionally LoRA deltas on q/k/v/out (FaceID). The processor is not an `nn.Module`: attaching an adapter
-adds nothing to the UNet's parameters or state dict.
+query). A FaceID adapter's LoRA deltas on q/k/v/out are not here but hooks on those Linear layers (`lora.hook_lora`),
+so that they act under any processor. The processor is not an `nn.Module`: attaching an adapter adds nothing to the
+UNet's parameters or state dict.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import AttentionLoRA
 from .state import PromptState
 
 # Small layers (e.g. the tiny world's) add their image attention through `add_block` rather than SDPA:
@@ -228,42 +228,19 @@ class ImageBranch:
         return found
 
 
-class LoRABranch:
-    """FaceID LoRA deltas for one attention layer: proj(x) + lora(x) on q, k, v and out."""
-
-    def __init__(self, owner: nn.Module, lora: AttentionLoRA) -> None:
-        self.owner = owner
-        self.lora = lora
-
-
 class DecoupledAttnProcessor:
     """diffusers attention processor with decoupled image-prompt branches (see module docstring)."""
 
     def __init__(self, previous: Callable) -> None:
         self.previous = previous  # restored when the last branch is removed
         self.image_branches: list[ImageBranch] = []
-        self.lora_branches: list[LoRABranch] = []
 
     @property
     def empty(self) -> bool:
-        return not self.image_branches and not self.lora_branches
+        return not self.image_branches
 
     def remove(self, owner: nn.Module) -> None:
         self.image_branches = [b for b in self.image_branches if b.owner is not owner]
-        self.lora_branches = [b for b in self.lora_branches if b.owner is not owner]
-
-    def _project(self, base: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        out = base(x)
-        for branch in self.lora_branches:
-            lora = getattr(branch.lora, name)
-            if lora.down.weight.device != x.device and not torch.compiler.is_compiling():
-                # The UNet runs elsewhere than where the adapter was attached (enable_model_cpu_offload() moves it to
-                # the GPU for its forward only): this layer's LoRA moves there once, as the offloaded UNet's own
-                # weights do (a few MB per layer; the image keys/values are moved, not the projections, see
-                # `ImageBranch._project_tokens`).
-                branch.lora.to(x.device)
-            out = out + lora(x)
-        return out
 
     def __call__(
         self,
@@ -275,12 +252,11 @@ class DecoupledAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        # During a generation `acting` and `terms` come from the states' plans (a dict lookup each) and the
-        # projections are called directly when there is no LoRA: on the tiny world the Python around the image
-        # attention's tensor ops then costs < 0.1% of a UNet call (measured with those ops skipped).
+        # During a generation `acting` and `terms` come from the states' plans (a dict lookup each): on the tiny world
+        # the Python around the image attention's tensor ops then costs < 0.2% of a UNet call (measured with those
+        # ops skipped).
         acting = [b for b in self.image_branches if b.acting()]
-        lora = self.lora_branches
-        if not acting and not lora:
+        if not acting:
             # Nothing to add: the layer's own processor runs, so its output is exactly what it was.
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -303,18 +279,14 @@ class DecoupledAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = self._project(attn.to_q, "to_q_lora", hidden_states) if lora else attn.to_q(hidden_states)
+        query = attn.to_q(hidden_states)
         merged_query = query  # (B, L, H*Dh)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        if lora:
-            key = self._project(attn.to_k, "to_k_lora", encoder_hidden_states)  # (B, S, H*Dh)
-            value = self._project(attn.to_v, "to_v_lora", encoder_hidden_states)
-        else:
-            key = attn.to_k(encoder_hidden_states)
-            value = attn.to_v(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)  # (B, S, H*Dh)
+        value = attn.to_v(encoder_hidden_states)
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
@@ -344,10 +316,7 @@ class DecoupledAttnProcessor:
             if term.block:
                 add_block(merged_query, term, hidden_states)
 
-        if lora:
-            hidden_states = self._project(attn.to_out[0], "to_out_lora", hidden_states)  # linear
-        else:
-            hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)  # linear
         hidden_states = attn.to_out[1](hidden_states)  # dropout
 
         if input_ndim == 4:

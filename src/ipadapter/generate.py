@@ -424,10 +424,8 @@ def check_models(cfg: GenerateConfig) -> None:
             raise ValueError(f"{name} does not fit the base {cfg.base}: {error}") from error
         if cfg.controlnet:
             check_controlnet(cfg, unet)
-    if cfg.pag_scale > 0 and found.lora_rank:
-        raise ValueError(f"--pag-scale with {name}: perturbed-attention guidance replaces the "
-                         "self-attention processors of its layers during the call, and this FaceID adapter's LoRA is "
-                         "applied by ours there; generate without --pag-scale")  # fmt: skip
+        if cfg.t2i_adapter:
+            check_t2i_adapter(cfg, unet)
     if reads_images:
         encoder = resolve_image_encoder(cfg.base, cfg.image_encoder)
         if not encoder and not cfg.embeds:
@@ -456,7 +454,6 @@ def check_models(cfg: GenerateConfig) -> None:
 def check_controlnet(cfg: GenerateConfig, unet: dict) -> None:
     """A local ControlNet's config against the base's UNet and VAE configs: its residuals must match the UNet's
     blocks and its condition encoder must downsample as the VAE does."""
-    from .sources import resolve_base
 
     path = Path(cfg.controlnet) / "config.json"
     if not path.is_file():
@@ -470,16 +467,65 @@ def check_controlnet(cfg: GenerateConfig, unet: dict) -> None:
         if key in control and key in unet and control[key] != unet[key]:
             raise ValueError(f"the ControlNet {cfg.controlnet} is for a UNet with {key} {control[key]}; the base's "
                              f"UNet has {unet[key]}")  # fmt: skip
-    base = Path(resolve_base(cfg.base))
-    folder = base if base.is_dir() else Path(cfg.base_config) if cfg.base_config else None
-    vae_path = None if folder is None else folder / "vae" / "config.json"
-    if vae_path is not None and vae_path.is_file() and "conditioning_embedding_out_channels" in control:
-        vae = read_config(vae_path)
-        latent = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    latent = vae_scale(cfg)
+    if latent is not None and "conditioning_embedding_out_channels" in control:
         condition = 2 ** (len(control["conditioning_embedding_out_channels"]) - 1)
         if latent != condition:
             raise ValueError(f"the ControlNet {cfg.controlnet} encodes its condition image at 1/{condition} of its "
                              f"size; the base's VAE makes latents at 1/{latent}")  # fmt: skip
+
+
+def vae_scale(cfg: GenerateConfig) -> int | None:
+    """How many pixels of the base's images one latent cell covers (8 for SD1.5 / SDXL), from its VAE config on disk;
+    None when it is not on disk."""
+    from .sources import resolve_base
+
+    base = Path(resolve_base(cfg.base))
+    folder = base if base.is_dir() else Path(cfg.base_config) if cfg.base_config else None
+    path = None if folder is None else folder / "vae" / "config.json"
+    if path is None or not path.is_file():
+        return None
+    return 2 ** (len(read_config(path).get("block_out_channels", [0])) - 1)
+
+
+def check_t2i_adapter(cfg: GenerateConfig, unet: dict) -> None:
+    """A local T2I-Adapter against the base's UNet config: its feature maps are added inside the UNet's down blocks,
+    so their channels and sizes must be those blocks' (otherwise diffusers fails in the first denoising step, after
+    every model has loaded). Both models run on the meta device from their configs (shapes only, nothing computed;
+    the UNet's transformers one layer deep, which does not change where the features are added)."""
+    path = Path(cfg.t2i_adapter) / "config.json"
+    if not path.is_file() or read_config(path).get("_class_name") != "T2IAdapter":
+        return  # a hub id, or a MultiAdapter (diffusers checks its parts against each other)
+    from diffusers import T2IAdapter, UNet2DConditionModel
+
+    config = read_config(path)
+    layout = {**{k: v for k, v in unet.items() if not k.startswith("_")}, "transformer_layers_per_block": 1}
+    scale = vae_scale(cfg) or 8
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(layout)
+        adapter = T2IAdapter.from_config(config)
+        side = 2 * math.lcm(adapter.total_downscale_factor, scale * 2 ** (len(layout["block_out_channels"]) - 1))
+        features = adapter(torch.empty(1, config.get("in_channels", 3), side, side))
+        inputs = {"sample": torch.empty(1, layout.get("in_channels", 4), side // scale, side // scale),
+                  "timestep": torch.tensor(1), "encoder_hidden_states": torch.empty(1, 1, layout["cross_attention_dim"])}
+        if layout.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding and size/crop ids
+            time_dim = layout["addition_time_embed_dim"]
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(1, layout["projection_class_embeddings_input_dim"] - 6 * time_dim),
+                "time_ids": torch.empty(1, 6)}  # fmt: skip
+        try:
+            model(**inputs, down_intrablock_additional_residuals=list(features))
+        except (RuntimeError, ValueError) as error:
+            try:
+                model(**inputs)
+            except Exception:  # the UNet alone does not run on these inputs: this check cannot tell, diffusers will
+                return
+            found = ", ".join(f"{f.shape[1]} channels at 1/{side // f.shape[-1]}" for f in features)
+            raise ValueError(
+                f"the T2I-Adapter {cfg.t2i_adapter} does not fit the base's UNet: its feature maps have {found} of the "
+                f"image's size; the UNet's down blocks have {list(layout['block_out_channels'])} channels, from "
+                f"latents at 1/{scale} of the image ({str(error).splitlines()[0]})"
+            ) from error
 
 
 def image_masks(cfg: GenerateConfig) -> list | None:
@@ -644,8 +690,11 @@ def generate(cfg: GenerateConfig) -> list[Path]:
     params = {**{k: v for k, v in asdict(cfg).items() if k not in ("show_progress", "save_embeds")}, "steps": steps,
               "guidance": guidance}  # fmt: skip
     meta.add_text("ipadapter", json.dumps(params))
+    # the A1111-style line image viewers and model sites read (the scheduler as "Sampler": diffusers' class name)
     meta.add_text("parameters", f"{cfg.prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {steps}, "
-                                f"CFG scale: {guidance}, Seed: {cfg.seed}, IP-Adapter: {cfg.adapter} ({cfg.scale})"
+                                f"Sampler: {type(pipe.scheduler).__name__}, CFG scale: {guidance}, Seed: {cfg.seed}, "
+                                f"Size: {images[0].width}x{images[0].height}, Model: {cfg.base}, "
+                                f"IP-Adapter: {cfg.adapter} ({cfg.scale})"
                                 + (f", PAG scale: {cfg.pag_scale}" if cfg.pag_scale > 0 else ""))  # fmt: skip
     paths = output_paths(out, cfg.seed, len(images))
     for path, image in zip(paths, images):

@@ -30,3 +30,32 @@ class AttentionLoRA(nn.Module):
         self.to_k_lora = LoRALinear(context_dim, hidden_size, rank)
         self.to_v_lora = LoRALinear(context_dim, hidden_size, rank)
         self.to_out_lora = LoRALinear(hidden_size, hidden_size, rank)
+
+
+# (attention module attribute, AttentionLoRA attribute): the projections a FaceID LoRA adds to
+PROJECTIONS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out", "to_out_lora"))
+
+
+def hook_lora(attn: nn.Module, lora: AttentionLoRA) -> list[torch.utils.hooks.RemovableHandle]:
+    """Adds `lora`'s deltas to the outputs of `attn`'s q/k/v/out Linear layers through forward hooks, so that the
+    LoRA acts whatever attention processor the layer runs (ours, diffusers' own, or one a pipeline swaps in during
+    its call, as perturbed-attention guidance does), as diffusers' PEFT LoRA does. Returns the hooks' handles."""
+    handles = []
+    for proj_name, lora_name in PROJECTIONS:
+        proj = attn.to_out[0] if proj_name == "to_out" else getattr(attn, proj_name)
+        handles.append(proj.register_forward_hook(_delta_hook(lora, getattr(lora, lora_name))))
+    return handles
+
+
+def _delta_hook(lora: AttentionLoRA, delta: LoRALinear):
+    def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if delta.down.weight.device != x.device and not torch.compiler.is_compiling():
+            # The UNet runs elsewhere than where the adapter was attached (enable_model_cpu_offload() moves it to the
+            # GPU for its forward only): this layer's LoRA moves there once, as the offloaded UNet's own weights do
+            # (a few MB per layer; the image keys/values are moved, not the projections, see
+            # `attention.ImageBranch._project_tokens`).
+            lora.to(x.device)
+        return output + delta(x)
+
+    return add_delta

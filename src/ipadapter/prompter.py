@@ -378,6 +378,10 @@ class ImagePrompter:
         check_window(p.start, p.end)
         if p.negative_image is not None and p.negative_noise > 0:
             raise ValueError("negative_image and negative_noise both choose the unconditional image prompt; pass one")
+        if not cfg and (p.negative_image is not None or p.negative_noise > 0):
+            given = "negative_image" if p.negative_image is not None else "negative_noise"
+            raise ValueError(f"{given} sets the unconditional image prompt, which only classifier-free guidance uses, "
+                             "and guidance_scale <= 1 turns it off: raise guidance_scale, or leave it out")  # fmt: skip
         if p.prep == "tiles" and p.weights is not None:
             raise ValueError("weights are per reference image, and tiles turn one image into several: pass weights "
                              "without prep='tiles', or tile the images yourself and weight the tiles")  # fmt: skip
@@ -558,12 +562,6 @@ class ImagePrompter:
             n_prompts = 1 if isinstance(prompt, str) else len(prompt)
         cfg = self._uses_cfg(guidance_scale)
         layout = self.batch_layout(n_prompts * num_images_per_prompt, controls)
-        if layout.chunks.get(2) == "cc" and any(a.lora is not None for a in self.adapters):
-            # diffusers' PAG pipelines swap the processors of their layers' self-attention for their own during the
-            # call, and a FaceID adapter's LoRA lives in ours (diffusers' own FaceID keeps it in the Linear layers
-            # through PEFT, which PAG leaves alone): those layers would run without it
-            raise ValueError("perturbed-attention guidance replaces the self-attention processors of its layers, "
-                             "which hold this FaceID adapter's LoRA: set pag_scale=0 (or no pag_applied_layers)")
         try:
             for slot, p in enumerate(prompts):
                 self.adapters[slot].state.set_groups(self.groups(slot, p, n_prompts, cfg))
