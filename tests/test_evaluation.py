@@ -41,6 +41,70 @@ def test_missing_scoring_model_is_named(tmp_path):
         ClipScorer.from_pretrained(tmp_path)
 
 
+def test_scoring_clip_must_have_both_towers(tmp_path):
+    """An image encoder (one tower) is refused by its config, and a CLIP file missing a tower by its weights
+    (transformers filled the text tower with random weights: CLIP-T meaningless, a log line the only sign)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ipadapter.sources import TINYWORLD_DIR
+
+    with pytest.raises(ValueError, match="is a 'clip_vision_model' model; the scoring CLIP needs both towers"):
+        ClipScorer.from_pretrained(TINYWORLD_DIR / "sd" / "image_encoder")
+    shutil.copytree(TINYWORLD_DIR / "clip", tmp_path / "clip")
+    [weights] = (tmp_path / "clip").glob("*.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("text_model.")}, weights)
+    with pytest.raises(ValueError, match=r"is not a complete CLIP model \(both towers\): \d+ weights missing, such "
+                                         r"as \['text_model\."):  # fmt: skip
+        ClipScorer.from_pretrained(tmp_path / "clip")
+
+
+def test_eval_clip_samples_with_ddim_without_a_safety_checker(tmp_path, monkeypatch):
+    """The paper's protocol samples with DDIM, and SD1.5's folder ships PNDM and diffusers' safety checker, which
+    blackens the images it flags (and eval scored them so): a base with both is evaluated with DDIM and without the
+    checker. A run that failed before its first pair recorded its settings only; the corrected run replaces them."""
+    import numpy as np
+    from diffusers import DDIMScheduler, PNDMScheduler
+    from PIL import Image
+
+    import ipadapter.sources
+
+    class FlagsEverything(torch.nn.Module):  # what diffusers' checker does to a flagged image: zeros
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        device = property(lambda self: self.w.device)
+        dtype = property(lambda self: self.w.dtype)
+
+        def forward(self, images, clip_input):
+            return np.zeros_like(images), [True] * len(images)
+
+    from transformers import CLIPImageProcessor
+
+    real, pipes = ipadapter.sources.load_pipeline, []
+
+    def as_sd15(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        pipe.register_modules(safety_checker=FlagsEverything(), feature_extractor=CLIPImageProcessor())
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+        pipes.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(ipadapter.sources, "load_pipeline", as_sd15)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"data": "tinyworld:1:7", "scale": 0.5}))  # a failed earlier run's
+    assert main(["eval", "clip", "--data", "tinyworld:1:7", "--images-per-pair", "1", "--steps", "2", "--save-images",
+                 "--out", str(out)]) == 0  # fmt: skip
+    [pipe] = pipes
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.safety_checker is None
+    assert np.asarray(Image.open(out / "images" / "000000-0.png")).max() > 0  # not blackened
+    assert json.loads((out / "run.json").read_text())["scheduler"] == "ddim"
+    assert "sampler: DDIM" in (out / "summary.md").read_text()
+
+
 def test_eval_clip_runs_end_to_end_and_resumes(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", "clip", "--data", "tinyworld:3:7", "--images-per-pair", "2", "--steps", "2", "--out", str(out)]
@@ -90,7 +154,8 @@ def test_eval_clip_on_a_single_file_base_with_its_configs_scores_as_the_folder(t
     assert main([*args, "--base", folder, "--base-config", folder, "--out", str(tmp_path / "x")]) == 2
     assert "--base-config goes with a single-file --base" in capsys.readouterr().err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main([*args, "--base", str(single), "--out", str(tmp_path / "y")]) == 2  # offline: no configs to fetch
+    assert main([*args, "--base", str(single), "--clip", str(TINYWORLD_DIR / "clip"), "--out", str(tmp_path / "y")]) == 2
+    # (offline: no configs to fetch; the scoring CLIP named, as for any base the tiny world's configs do not describe)
     assert "pass --base-config with the diffusers folder" in capsys.readouterr().err
 
 
@@ -184,9 +249,36 @@ def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monk
     monkeypatch.setattr("ipadapter.evaluation.clip_score.ClipScorer.from_pretrained", no_models)
     monkeypatch.setattr("ipadapter.sources.load_pipeline", no_models)
     monkeypatch.setattr("ipadapter.tinyworld.evaluate.load_tinyworld", no_models)
+    monkeypatch.chdir(tmp_path)  # (the default --out is ./eval-clip)
     (tmp_path / "file").write_text("x")
+    (tmp_path / "shards.tar").write_bytes(b"")
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "model_index.json").write_text("{}")  # a pipeline folder of another model
+    from transformers import CLIPVisionConfig
+
+    from ipadapter.sources import TINYWORLD_DIR
+
+    CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=40, num_hidden_layers=1,
+                     num_attention_heads=2, image_size=32, patch_size=8).save_pretrained(tmp_path / "enc40")  # fmt: skip
+    render(_scene()).save(tmp_path / "r.png")
     cases = [
         (["clip", "--limit", "-1"], "limit must be >= 0, found -1"),  # was read as "all but the last pair"
+        (["clip", "--scheduler", "euler"], "unknown scheduler 'euler'; expected one of ddim, pipeline"),
+        (["clip", "--clip", str(tmp_path / "noclip")], "--clip " + str(tmp_path / "noclip") + ": not found"),
+        (["clip", "--image-encoder", str(tmp_path / "noenc")], "--image-encoder " + str(tmp_path / "noenc")),
+        # the base's encoder would have been found only after the base and the adapter had loaded, and the run's
+        # folder then refused the corrected run
+        (["clip", "--image-encoder", str(tmp_path / "enc40")],
+         "image encoder mismatch: this adapter (base) expects 64-d pooled features"),
+        (["clip", "--base", str(tmp_path / "sd")], "--clip: the tiny world's scoring CLIP (64 px, trained on its "
+                                                   "shapes) cannot score images of " + str(tmp_path / "sd")),
+        (["clip", "--base", str(tmp_path / "sd"), "--clip", str(TINYWORLD_DIR / "clip")],
+         "this adapter (base) needs"),  # no image_encoder/ in or beside that base
+        (["clip", "--data", str(tmp_path / "shards.tar")],
+         "unsupported --data pairs " + str(tmp_path / "shards.tar") + ": expected .json, .jsonl, a folder of images, "
+         "or tinyworld:N:SEED (WebDataset .tar shards are read by training only)"),
+        (["face", "--reference", str(tmp_path / "r.png"), "--generated", str(tmp_path / "r.png"), "--no-identity"],
+         "--no-identity leaves nothing to measure: add --fid-real and / or --lpips"),
         (["clip", "--scale", "nan"], "scale must be a finite number, found nan"),
         (["clip", "--preset", "nosuch"], "unknown preset 'nosuch'; expected one of"),
         (["clip", "--adapter", str(tmp_path / "missing.safetensors")], "adapter not found"),
@@ -199,6 +291,7 @@ def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monk
     for args, message in cases:
         assert main(["eval", *args]) == 2, args
         assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "eval-clip").exists() and not any(tmp_path.glob("**/run.json"))  # nothing recorded
 
 
 class _FakeEmbedder:

@@ -173,10 +173,13 @@ def cmd_eval_face(args: argparse.Namespace) -> int:
     if args.fid_real and min(len(args.fid_real), len(generated)) < 2:  # before any model loads
         raise ValueError(f"FID compares two image sets: expected at least 2 images in each, found "
                          f"{len(args.fid_real)} --fid-real and {len(generated)} --generated")  # fmt: skip
+    if args.no_identity and not (args.fid_real or args.lpips):
+        raise ValueError("--no-identity leaves nothing to measure: add --fid-real and / or --lpips")
     report: dict = {}
     if not args.no_identity:
-        scores = identity_similarity(FaceEmbedder(name=args.insightface_model, root=args.insightface_root),
-                                     generated, reference)  # fmt: skip
+        embedder = FaceEmbedder(name=args.insightface_model, root=args.insightface_root,
+                                instead="--no-identity to measure FID / LPIPS only")  # fmt: skip
+        scores = identity_similarity(embedder, generated, reference)
         found = [s for s in scores if s is not None]
         report["identity_similarity"] = sum(found) / len(found) if found else None
         report["faces_found"] = f"{len(found)}/{len(scores)}"
@@ -283,11 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base-config", help="with a single-file --base: the diffusers folder or hub id of its configs")
     e.add_argument("--adapter", help="IP-Adapter file (default: tinyworld-base)")
     e.add_argument("--image-encoder", help="the adapter's image encoder (default: the base's image_encoder/)")
-    e.add_argument("--clip", help="scoring CLIP with both towers, e.g. openai/clip-vit-large-patch14 (default: tinyworld)")
+    e.add_argument("--clip", help="scoring CLIP with both towers, e.g. openai/clip-vit-large-patch14 (default: "
+                                  "tinyworld, with the tiny-world base only)")  # fmt: skip
     e.add_argument("--scale", type=float, help="adapter scale (default: 1.0)")
     e.add_argument("--preset", help="per-block preset (style, composition, ...)")
     e.add_argument("--images-per-pair", type=int, help="generated images per pair (default: 4, as the paper)")
     e.add_argument("--with-text", action="store_true", default=None, help="also prompt with the caption")
+    e.add_argument("--scheduler", help="ddim (default: the paper's sampler, from the base's scheduler config) or "
+                                       "pipeline (the scheduler saved with the base)")  # fmt: skip
     e.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
     e.add_argument("--guidance", type=float, help="classifier-free guidance (default: the pipeline's)")
     e.add_argument("--seed", type=int, help="pair i uses seed + i (default: 0)")

@@ -25,7 +25,9 @@ class FaceEmbedder:
     """Detects the largest face in an image and returns its ArcFace embedding (insightface `FaceAnalysis`)."""
 
     def __init__(self, name: str = "buffalo_l", root: str | os.PathLike | None = None,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), det_size: int = 640) -> None:  # fmt: skip
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), det_size: int = 640,
+                 instead: str = "pass precomputed 512-d ArcFace embeddings as face_id") -> None:  # fmt: skip
+        """`instead`: what the errors for a missing insightface or model pack suggest doing without them."""
         root = Path(root) if root is not None else default_root()
         folder = root / "models" / name
         try:
@@ -33,12 +35,12 @@ class FaceEmbedder:
         except ImportError as e:
             raise ImportError(
                 "FaceID from images needs insightface: `pip install insightface onnxruntime`, with the "
-                f"{name!r} model pack in {folder}; or pass precomputed 512-d ArcFace embeddings as face_id"
+                f"{name!r} model pack in {folder}; or {instead}"
             ) from e
         if not folder.is_dir() or not any(folder.glob("*.onnx")):
             raise FileNotFoundError(
                 f"insightface model pack {name!r} not found: expected .onnx files in {folder} (it cannot be "
-                "downloaded here; copy it there, or pass precomputed 512-d ArcFace embeddings as face_id)"
+                f"downloaded here; copy it there, or {instead})"
             )
         self.app = FaceAnalysis(name=name, root=str(root), providers=list(providers))
         self.app.prepare(ctx_id=-1 if providers == ("CPUExecutionProvider",) else 0, det_size=(det_size, det_size))

@@ -540,7 +540,8 @@ def face_embedding(cfg: GenerateConfig) -> tuple[torch.Tensor, Image.Image]:
     through the image encoder), with insightface and a local model pack."""
     from .faces import FaceEmbedder
 
-    embedder = FaceEmbedder(root=cfg.insightface_root or None)
+    embedder = FaceEmbedder(root=cfg.insightface_root or None,
+                            instead="pass --face-id with precomputed 512-d ArcFace embeddings (.npy / .safetensors)")
     image = load_image(cfg.face_image)
     return embedder.embed(image)[None], embedder.aligned_crop(image)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +22,9 @@ import torch
 from ..files import write_text
 
 SUMMARY_KEYS = ("clip_i", "clip_t", "clipscore")
+# "ddim": the paper's sampler (§4.1.2: DDIM, 50 steps, guidance 7.5), built from the base's scheduler config (for
+# SD1.5's PNDM config: the official demo's DDIM settings); "pipeline": the scheduler saved with the base
+SCHEDULERS = ("ddim", "pipeline")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ClipEvalConfig:
     preset: str = ""  # per-block preset (blocks.PRESETS), optional
     images_per_pair: int = 4  # generated images per pair (paper: 4)
     with_text: bool = False  # also give the caption as the text prompt (the paper's protocol uses none)
+    scheduler: str = "ddim"  # "ddim": DDIM from the base's scheduler config (the paper's); "pipeline": the base's own
     steps: int | None = None  # denoising steps (default: the pipeline's)
     guidance: float | None = None  # classifier-free guidance (default: the pipeline's)
     seed: int = 0  # pair i uses torch.Generator("cpu").manual_seed(seed + i)
@@ -66,6 +70,8 @@ class ClipEvalConfig:
         parse_dtype(self.dtype)
         check_seed(self.seed)  # pair i uses seed + i: taken modulo 2**64 as manual_seed does for negative seeds
         check_backend(self.compile, "--compile")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
         if self.preset and self.preset not in (*PRESETS, *PRECISE):
             raise ValueError(f"unknown preset {self.preset!r}; expected one of {', '.join((*PRESETS, *PRECISE))}")
 
@@ -79,8 +85,40 @@ class ClipEvalConfig:
         check_base(self.base)
         if self.base_config and not Path(resolve_base(self.base)).is_file():
             raise ValueError(f"--base-config goes with a single-file --base; {self.base} is not a file")
+        from ..generate import check_local_model
+
+        for flag, value in (("--image-encoder", self.image_encoder),
+                            ("--clip", "" if self.clip == "tinyworld" else self.clip),
+                            ("--base-config", self.base_config)):  # fmt: skip
+            check_local_model(flag, value)
+        tiny = resolve_base("tinyworld")  # the tiny world's folder, or a single file with its configs
+        if self.clip == "tinyworld" and tiny not in (resolve_base(self.base), self.base_config and resolve_base(self.base_config)):
+            raise ValueError(f"--clip: the tiny world's scoring CLIP (64 px, trained on its shapes) cannot score "
+                             f"images of {self.base}; pass the scoring CLIP (the paper's: "
+                             "openai/clip-vit-large-patch14)")  # fmt: skip
+        # the adapter's image encoder, from the files alone: a missing or mismatched one failed after the base loaded
+        from ..checkpoint import adapter_from_tensors, read_tensors
+        from ..encoders import check_encoder_folder
+        from ..sources import resolve_image_encoder
+
+        tensors, metadata = read_tensors(Path(adapter), shapes_only=True)
+        config = adapter_from_tensors(tensors, metadata, Path(adapter).name).config  # (meta device: shapes only)
+        if config.image_feature == "none":
+            raise ValueError(f"{Path(adapter).name} ({config.variant}) reads face embeddings only; eval clip prompts "
+                             "with the pairs' images (FaceID adapters: eval face)")  # fmt: skip
+        encoder = resolve_image_encoder(self.base, self.image_encoder)
+        if not encoder:
+            raise ValueError(f"this adapter ({config.variant}) needs {config.image_encoder_name}; pass --image-encoder "
+                             f"(the base {self.base} has no image_encoder/ folder on disk)")  # fmt: skip
+        check_encoder_folder(config, encoder)
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a file; expected a folder (it receives results and the summary)")
+
+
+def _has_results(out: Path) -> bool:
+    """Whether any results.rank*.jsonl in OUT holds a complete result line."""
+    return any(_valid(line) for part in out.glob("results.rank*.jsonl")
+               for line in part.read_text(encoding="utf-8").splitlines())  # fmt: skip
 
 
 def _valid(line: str) -> bool:
@@ -111,8 +149,10 @@ def _done(out: Path, records: list) -> dict[int, dict]:
 
 
 # What the results in OUT depend on: a rerun with other values would mix its pairs with the earlier ones.
-RESULT_FIELDS = ("data", "image_root", "base", "adapter", "image_encoder", "clip", "scale", "preset", "images_per_pair",
-                 "with_text", "steps", "guidance", "seed", "dtype")  # fmt: skip
+RESULT_FIELDS = ("data", "image_root", "base", "base_config", "adapter", "image_encoder", "clip", "scale", "preset",
+                 "images_per_pair", "with_text", "scheduler", "steps", "guidance", "seed", "dtype")  # fmt: skip
+# what a run.json written before a field existed ran with (other fields: their default)
+EARLIER = {"scheduler": "pipeline"}
 
 
 def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
@@ -132,7 +172,13 @@ def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
             write_text(path, json.dumps(wanted, indent=2))  # whole or not at all: a kill leaves no half of it
         return
     saved = json.loads(path.read_text())
-    differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in wanted.items() if saved.get(k) != v]
+    defaults = {**{f.name: f.default for f in fields(ClipEvalConfig)}, **EARLIER}  # (a field added since)
+    differ = [f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} now" for k, v in wanted.items()
+              if saved.get(k, defaults[k]) != v]  # fmt: skip
+    if differ and not _has_results(out):  # a run that failed before its first pair recorded nothing to mix with
+        if write:
+            write_text(path, json.dumps(wanted, indent=2))
+        return
     if differ:
         raise ValueError(f"{out} holds results of another evaluation ({'; '.join(differ)}); resume with its settings "
                          "or use a new --out")  # fmt: skip
@@ -180,7 +226,8 @@ def markdown(summary: dict) -> str:
         f"adapter `{cfg['adapter']}` on `{cfg['base']}`, scale {cfg['scale']}"
         + (f", preset {cfg['preset']}" if cfg["preset"] else "")
         + f"; scoring CLIP `{cfg['clip']}`; data `{cfg['data']}`; "
-        + f"{cfg['images_per_pair']} images per pair; text prompt: {'the caption' if cfg['with_text'] else 'none'}",
+        + f"{cfg['images_per_pair']} images per pair; text prompt: {'the caption' if cfg['with_text'] else 'none'}; "
+        + "sampler: " + ("DDIM" if cfg.get("scheduler", "ddim") == "ddim" else "the base's own"),
         "",
         "| pairs | CLIP-I | CLIP-T (cosine) | CLIPScore = 2.5 max(cos, 0), the paper's CLIP-T |",
         "|---|---|---|---|",
@@ -207,7 +254,7 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
     from .clip_score import ClipScorer, clipscore
 
     cfg.check_files()
-    records = read_records(cfg.data, cfg.image_root)
+    records = read_records(cfg.data, cfg.image_root, what="--data pairs", shards=False)
     if cfg.limit:
         records = records[: cfg.limit]
     if not records:
@@ -218,8 +265,8 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
                                 "check --image-root")  # fmt: skip
     adapter_path = resolve_adapter(cfg.adapter)
     check_requirements(cfg.compile, torch.device(cfg.device).type)
+    state = _process_state(cfg.device)  # first: under accelerate launch --multi_gpu it sets this process's GPU
     scorer = ClipScorer.from_pretrained(cfg.clip, device=cfg.device)  # fails early on a missing scoring model
-    state = _process_state(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, cfg, write=state.is_main_process)  # every process refuses alike, before any waits for another
@@ -230,10 +277,14 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
         dtype = parse_dtype(cfg.dtype)
         pipe = load_pipeline(cfg.base, dtype=dtype, device=cfg.device, config=cfg.base_config)
         pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "safety_checker", None) is not None:  # it replaces flagged images by black ones, then scored
+            pipe.register_modules(safety_checker=None)  # (the official evaluation and our validation run without it)
+        if cfg.scheduler == "ddim":
+            from diffusers import DDIMScheduler
+
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         adapter = IPAdapter.from_file(adapter_path, dtype=dtype, unet=pipe.unet)
-        encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)
-        if not encoder_path:
-            raise ValueError(f"this adapter needs {adapter.config.image_encoder_name}; pass --image-encoder")
+        encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)  # (there: `check_files`)
         prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, dtype=dtype, device=cfg.device))
         if cfg.compile:  # every pair has the same settings: one graph for all (docs/controls.md, torch.compile)
             pipe.unet = torch.compile(pipe.unet, backend=cfg.compile)

@@ -48,11 +48,25 @@ class ClipScorer:
         if local.exists() and not (local / (sub or "") / "config.json").is_file():
             raise FileNotFoundError(f"{local / (sub or '')} is not a CLIP model folder: config.json missing")
         kwargs = {"subfolder": sub} if sub else {}
+        if local.exists():  # a vision-only (image encoder) or text-only CLIP would load with a random other tower
+            import json
+
+            kind = json.loads((local / (sub or "") / "config.json").read_text()).get("model_type")
+            if kind != "clip":
+                raise ValueError(f"{local / (sub or '')} is a {kind!r} model; the scoring CLIP needs both towers "
+                                 "(model_type 'clip', e.g. openai/clip-vit-large-patch14)")  # fmt: skip
         try:
-            model = CLIPModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+            model, info = CLIPModel.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **kwargs)
             processor = CLIPProcessor.from_pretrained(path, **kwargs)
         except OSError as e:
             raise FileNotFoundError(f"cannot load a CLIP model (both towers) from {name!r}: {e}") from e
+        except (RuntimeError, ValueError) as e:  # e.g. a vision-only or text-only CLIP: shapes of another config
+            raise ValueError(f"{name!r} is not a CLIP model with both towers (CLIPModel, e.g. "
+                             f"openai/clip-vit-large-patch14): {str(e).splitlines()[-1]}") from e  # fmt: skip
+        missing = sorted(info["missing_keys"])
+        if missing:  # transformers would initialise them at random: CLIP-T (or CLIP-I) silently meaningless
+            raise ValueError(f"{name!r} is not a complete CLIP model (both towers): {len(missing)} weights missing, "
+                             f"such as {missing[:3]}")  # fmt: skip
         return cls(model, processor, device)
 
     @torch.no_grad()

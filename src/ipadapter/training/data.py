@@ -110,9 +110,10 @@ def read_utf8(path: Path) -> str:
                          f"{error.start} (re-save the file as UTF-8)") from error  # fmt: skip
 
 
-def read_records(data: str, image_root: str = "") -> list[Record]:
+def read_records(data: str, image_root: str = "", what: str = "training data", shards: bool = True) -> list[Record]:
     """Records of a finite source: JSON list, JSON Lines, a folder of images with same-named .txt captions, or
-    `tinyworld:N[:SEED]` (rendered on the fly)."""
+    `tinyworld:N[:SEED]` (rendered on the fly). `what` names the data in errors; `shards`: whether the caller reads
+    WebDataset .tar shards (elsewhere), as the error for another kind of file says."""
     path = Path(data)
     if image_root and (data.startswith("tinyworld:") or path.is_dir()):
         raise ValueError(f"--image-root is the folder of a JSON / JSONL list's image_file paths; --data {data} is "
@@ -120,7 +121,7 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
     if data.startswith("tinyworld:"):
         return tinyworld_records(data)
     if not path.exists():
-        raise FileNotFoundError(f"training data not found: {path} (expected a .json/.jsonl file or a folder of images)")
+        raise FileNotFoundError(f"{what} not found: {path} (expected a .json/.jsonl file or a folder of images)")
     root = Path(image_root) if image_root else path.parent
     if path.is_dir():
         # os.walk(followlinks=True): Path.rglob (Python < 3.13) does not descend into linked folders, so a dataset
@@ -135,7 +136,9 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
             images += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
         images.sort()
         if not images:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            tars = not shards and any(path.glob("*.tar"))
+            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                             + (": its .tar shards (WebDataset) are read by training only" if tars else ""))  # fmt: skip
         records = []
         for image in images:
             caption = image.with_suffix(".txt")
@@ -161,7 +164,9 @@ def read_records(data: str, image_root: str = "") -> list[Record]:
             raise ValueError(f"{path}: expected a JSON list of {{'image_file': ..., 'text': ...}}, found {type(items).__name__}")
         where = [f"item {i}" for i in range(len(items))]
     else:
-        raise ValueError(f"unsupported training data {path}: expected .json, .jsonl, a folder, or .tar shards")
+        raise ValueError(f"unsupported {what} {path}: expected .json, .jsonl, a folder"
+                         + (", or .tar shards" if shards else " of images, or tinyworld:N:SEED (WebDataset .tar shards "
+                            "are read by training only)"))  # fmt: skip
     records = []
     for item, at in zip(items, where):
         if not isinstance(item, dict) or "image_file" not in item:
