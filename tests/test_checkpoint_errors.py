@@ -243,3 +243,56 @@ def test_an_unknown_dtype_is_unsupported_not_corrupt(tmp_path, dtype, nbytes, sh
     with pytest.raises(ValueError, match=rf"^{path}: unsupported tensor dtype {dtype} in key 'weird'; this torch "
                                          r"\([^)]+\) reads BOOL, U8, .*F8_E4M3, F8_E5M2"):  # fmt: skip
         read_tensors(path, shapes_only=shapes_only)
+
+
+# ---- from the core-loading audit -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, prefix", [("ip-adapter-plus_sd15", "image_proj.layers.3."),
+                                          ("ip-adapter-faceid-plusv2_sd15", "image_proj.perceiver_resampler.layers.3.")])
+def test_a_resampler_missing_its_last_block_is_refused(name, prefix):
+    tensors = {k: v for k, v in reference_tensors(name).items() if not k.startswith(prefix)}
+    with pytest.raises(ValueError, match=r"an official resampler has 4 blocks \(layers\.0 to layers\.3\); found 3 "
+                                         r"\(0, 1, 2\) - the file is incomplete"):  # fmt: skip
+        adapter_from_tensors(tensors, {}, "broken.bin")
+
+
+def test_a_missing_tensor_is_named_as_the_file_names_it():
+    tensors = _broken("ip-adapter-faceid_sd15", "ip_adapter.3.to_v_lora.up.weight", None)
+    with pytest.raises(ValueError, match=r"1 missing \(e\.g\. \['ip_adapter\.3\.to_v_lora\.up\.weight'\]\)"):
+        adapter_from_tensors(tensors, {}, "broken.bin")
+
+
+def test_integer_weights_are_a_clear_error_not_a_load_state_dict_trace(tmp_path, capsys):
+    tensors = reference_tensors("ip-adapter_sd15", device="cpu")
+    tensors["image_proj.proj.weight"] = tensors["image_proj.proj.weight"].to(torch.int8)
+    save_file(tensors, str(tmp_path / "q.safetensors"))
+    assert main(["inspect", str(tmp_path / "q.safetensors")]) == 2
+    assert "image_proj.proj.weight: expected floating-point weights, found int8" in capsys.readouterr().err
+
+
+def test_faceid_without_its_lora_is_not_called_portrait():
+    tensors = {k: v for k, v in reference_tensors("ip-adapter-faceid_sd15").items() if "_lora" not in k}
+    assert adapter_from_tensors(tensors, {}, "ip-adapter-faceid_sd15.bin").config.variant == "custom"
+
+
+@pytest.mark.parametrize("name", ["adapter.bin", "blob"])
+def test_a_safetensors_file_under_another_name_reads(tmp_path, name):
+    path = _tiny_file(tmp_path)
+    path.rename(tmp_path / name)
+    assert load_adapter(tmp_path / name).config.variant == "base"
+
+
+def test_a_resampler_of_another_depth_is_saved_in_our_layout_only(tmp_path):
+    """The official layout has no field for the depth (the official code builds 4 blocks, and reading checks it):
+    another depth is refused there, kept in ours."""
+    from dataclasses import replace
+
+    from tiny_models import tiny_unet
+
+    from ipadapter import IPAdapter
+
+    config = IPAdapter.for_unet(tiny_unet("sd15"), "plus", image_embed_dim=40).config
+    adapter = IPAdapter(replace(config, resampler=replace(config.resampler, depth=2)))
+    with pytest.raises(ValueError, match="the official layout holds resamplers of depth 4; this one has 2"):
+        adapter.save(tmp_path / "plus.bin", layout="official")
+    adapter.save(tmp_path / "plus.safetensors")
+    assert load_adapter(tmp_path / "plus.safetensors").config.resampler.depth == 2

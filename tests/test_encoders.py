@@ -106,3 +106,39 @@ def test_repo_and_subfolder_shorthand(tmp_path):
     tiny_clip_vision(image_size=28).save_pretrained(tmp_path / "models" / "image_encoder")
     encoder = ImageEncoder.from_pretrained(f"{tmp_path}::models/image_encoder")  # like h94/IP-Adapter::models/...
     assert encoder.pooled_dim == 40
+
+
+def test_a_folder_of_another_model_is_named_not_a_validation_trace(tmp_path):
+    from tiny_models import tiny_unet
+
+    from ipadapter import IPAdapter, ImageEncoder
+    from ipadapter.encoders import check_encoder_folder
+
+    tiny_unet("sd15").save_pretrained(tmp_path / "unet")
+    config = IPAdapter.for_unet(tiny_unet("sd15"), "base", image_embed_dim=40).config
+    for call in (lambda: check_encoder_folder(config, tmp_path / "unet"), lambda: ImageEncoder.from_pretrained(tmp_path / "unet")):
+        with pytest.raises(ValueError, match=r"unet holds a diffusers UNet2DConditionModel \(its config\.json\); expected "
+                                             r"a CLIP vision encoder"):  # fmt: skip
+            call()
+
+
+def test_a_raw_clip_vision_model_is_refused_for_pooled_adapters():
+    from tiny_models import tiny_clip_vision, tiny_unet
+    from transformers import CLIPVisionModel
+
+    from ipadapter import IPAdapter, check_encoder
+
+    vision = CLIPVisionModel(tiny_clip_vision(projection=40).config)
+    config = IPAdapter.for_unet(tiny_unet("sd15"), "base", image_embed_dim=40).config
+    with pytest.raises(ValueError, match="has no trained projection"):
+        check_encoder(config, vision)
+
+
+def test_a_missing_local_encoder_folder_is_named(tmp_path):
+    """A path that does not exist was passed on to the hub and came back as "Repo id must be in the form ..."."""
+    from ipadapter import ImageEncoder
+
+    for name in (tmp_path / "no_such_encoder", "./no_such_encoder", f"{tmp_path}/no_such::models/image_encoder"):
+        with pytest.raises(FileNotFoundError, match=r"image encoder not found: .*no_such.* \(expected a local model "
+                                                    r"folder, or a hub id owner/name\)"):  # fmt: skip
+            ImageEncoder.from_pretrained(name)

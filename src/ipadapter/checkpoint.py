@@ -69,7 +69,7 @@ def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[di
     path = adapter_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: expected a .safetensors or .bin file at {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         return _read_safetensors(path, shapes_only)
     with open(path, "rb") as f:
         head = f.read(4)
@@ -82,10 +82,13 @@ def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[di
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=(shapes_only and head == b"PK\x03\x04") or None)
     except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        reason = reason.split(" was not an allowed global")[0].removeprefix("WeightsUnpickler error: ")
         raise ValueError(
             f"refused to load {path}: it is not a plain tensor checkpoint - its pickle holds Python objects or "
             "instructions that the safe loader (torch.load weights_only=True) does not accept, and that could run "
-            "code. Get a .safetensors version of this checkpoint from a source you trust."
+            f"code{f' ({reason})' if reason else ''}. If the file is complete (not truncated), get a .safetensors "
+            "version of this checkpoint from a source you trust."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from e
@@ -95,6 +98,21 @@ def read_tensors(path: str | os.PathLike, shapes_only: bool = False) -> tuple[di
     if shapes_only:
         flat = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in flat.items()}
     return flat, {}
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file under another name (a `.bin`, an extensionless Hugging Face cache blob): an 8-byte
+    little-endian header length that fits the file, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= size - 8
 
 
 def _read_safetensors(path: Path, shapes_only: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -266,6 +284,7 @@ def _official_order(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 # ---- config detection -------------------------------------------------------------------------------------------
 _LORA_NAMES = ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora")
+OFFICIAL_RESAMPLER_DEPTH = 4  # Resampler / FacePerceiverResampler depth in every official file
 
 
 def _named(filename: str) -> str:
@@ -432,7 +451,15 @@ def detect_config(tensors: dict[str, torch.Tensor], filename: str = "") -> Adapt
 
 def _detect_resampler(proj: dict[str, torch.Tensor], prefix: str, dim: int, shape, filename: str) -> ResamplerConfig:
     """The resampler under `image_proj.{prefix}`; `shape(key)` reads a checked 2-d shape."""
-    depth = len({k.removeprefix(prefix).split(".")[1] for k in proj if k.startswith(prefix + "layers.")})
+    blocks = sorted({k.removeprefix(prefix).split(".")[1] for k in proj if k.startswith(prefix + "layers.")},
+                    key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0, b))
+    depth = len(blocks)
+    if blocks != [str(i) for i in range(OFFICIAL_RESAMPLER_DEPTH)]:
+        raise ValueError(
+            f"{_named(filename)}: image_proj.{prefix}layers.*: an official resampler has {OFFICIAL_RESAMPLER_DEPTH} "
+            f"blocks (layers.0 to layers.{OFFICIAL_RESAMPLER_DEPTH - 1}); found {depth} ({', '.join(blocks[:8])}) - "
+            "the file is incomplete or damaged (other depths are saved in the ipadapter format, which records them)"
+        )
     inner = shape(f"image_proj.{prefix}layers.0.0.to_q.weight")[0]
     dim_head = 64  # official value; only heads * dim_head is visible in the weights
     if inner % dim_head:
@@ -445,14 +472,31 @@ def _detect_resampler(proj: dict[str, torch.Tensor], prefix: str, dim: int, shap
 
 
 # ---- strict loading ---------------------------------------------------------------------------------------------
-def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str) -> None:
-    """Raises ValueError listing missing, unexpected and mis-shaped tensors."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
+def _official_name(key: str) -> str:
+    """Our parameter name -> the official one (`layers.{i}.to_k_ip` -> `ip_adapter.{2i+1}.to_k_ip`), for messages."""
+    if m := re.match(r"^layers\.(\d+)\.(.*)$", key):
+        return f"ip_adapter.{2 * int(m.group(1)) + 1}.{m.group(2)}"
+    if m := re.match(r"^lora\.(\d+)\.(.*)$", key):
+        return f"ip_adapter.{m.group(1)}.{m.group(2)}"
+    return key
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], what: str,
+                     shown=lambda key: key) -> None:  # fmt: skip
+    """Raises ValueError listing missing, unexpected, mis-shaped and non-floating-point tensors, each named by
+    `shown(key)` (the name the file uses)."""
+    missing = sorted(shown(k) for k in set(expected) - set(found))
+    unexpected = sorted(shown(k) for k in set(found) - set(expected))
     wrong = [
-        f"{k}: expected {tuple(expected[k])}, found {tuple(found[k].shape)}"
+        f"{shown(k)}: expected {tuple(expected[k])}, found {tuple(found[k].shape)}"
         for k in expected
         if k in found and tuple(found[k].shape) != tuple(expected[k])
+    ]
+    wrong += [
+        f"{shown(k)}: expected floating-point weights, found {str(found[k].dtype).removeprefix('torch.')} "
+        "(quantized checkpoints are not supported: dequantize to float16 / float32 first)"
+        for k in expected
+        if k in found and not (found[k].is_floating_point() or found[k].is_complex())
     ]
     if missing or unexpected or wrong:
         parts = []
@@ -461,7 +505,7 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if wrong:
-            parts.append(f"{len(wrong)} with wrong shapes (e.g. {wrong[:3]})")
+            parts.append(f"{len(wrong)} with wrong shapes or dtypes (e.g. {wrong[:3]})")
         raise ValueError(f"{what} does not match its architecture: " + "; ".join(parts))
 
 
@@ -552,7 +596,9 @@ def adapter_from_tensors(
     with torch.device("meta"):
         adapter = IPAdapter(config)
     expected = {k: v.shape for k, v in adapter.state_dict().items()}
-    check_state_dict(expected, internal, f"checkpoint {name} ({config.variant})")
+    own = detect_layout(tensors, metadata) == "ipadapter"
+    check_state_dict(expected, internal, f"checkpoint {name} ({config.variant})",
+                     shown=(lambda key: key) if own else _official_name)  # fmt: skip
     adapter.load_state_dict(internal, strict=True, assign=True)
     return adapter
 
@@ -581,6 +627,10 @@ def save_adapter(adapter, path: str | os.PathLike, layout: str = "ipadapter",
         if adapter.config.attention != "decoupled":
             raise ValueError(f"the official layout holds decoupled adapters only; this one is {adapter.config.attention} "
                              "(the paper's ablation): save it with layout='ipadapter'")  # fmt: skip
+        depth = adapter.config.resampler.depth if adapter.config.resampler is not None else None
+        if depth not in (None, OFFICIAL_RESAMPLER_DEPTH):  # the official code builds depth 4, and so reading does
+            raise ValueError(f"the official layout holds resamplers of depth {OFFICIAL_RESAMPLER_DEPTH}; this one has "
+                             f"{depth}: save it with layout='ipadapter', which records its depth")  # fmt: skip
         official = internal_to_official(state)
         if path.suffix == ".safetensors":
             save_safetensors(official, path)

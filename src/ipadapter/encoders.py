@@ -26,6 +26,10 @@ def model_source(name_or_path: str | os.PathLike, subfolder: str | None, what: s
     path = Path(name_or_path)
     if path.exists() and not (path / (subfolder or "") / "config.json").is_file():
         raise FileNotFoundError(f"no {what} config.json in {path / (subfolder or '')}")
+    from .sources import looks_local
+
+    if not path.exists() and looks_local(str(name_or_path)):  # (a hub id would fail with "Repo id must be ...")
+        raise FileNotFoundError(f"{what} not found: {path} (expected a local model folder, or a hub id owner/name)")
     return str(name_or_path), ({"subfolder": subfolder} if subfolder else {})
 
 
@@ -59,6 +63,10 @@ class ImageEncoder(nn.Module):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         name_or_path, sub = model_source(name_or_path, subfolder, "image encoder")
+        kind = _config_kind(Path(name_or_path) / sub.get("subfolder", "") / "config.json")
+        if kind is not None:
+            raise ValueError(f"{Path(name_or_path) / sub.get('subfolder', '')} holds a {kind} (its config.json); "
+                             "expected a CLIP vision encoder (model_type clip_vision_model, or clip)")  # fmt: skip
         import pickle
 
         from safetensors import SafetensorError
@@ -134,7 +142,9 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
     if config.image_feature == "none":
         return
     model_cfg = encoder.model.config if isinstance(encoder, ImageEncoder) else encoder.config
-    projected = encoder.has_projection if isinstance(encoder, ImageEncoder) else hasattr(model_cfg, "projection_dim")
+    # CLIPVisionConfig always has projection_dim; only a module with visual_projection gives image_embeds
+    projected = (encoder.has_projection if isinstance(encoder, ImageEncoder)
+                 else hasattr(encoder, "visual_projection") or not isinstance(encoder, nn.Module))  # fmt: skip
     if config.image_feature == "pooled" and not projected:
         raise ValueError(f"this adapter ({config.variant}) reads pooled, projected image_embeds; the image encoder has "
                          "no trained projection (its weights hold no visual_projection: a CLIPVisionModel)")  # fmt: skip
@@ -147,6 +157,24 @@ def check_encoder(config: AdapterConfig, encoder: nn.Module) -> None:
         )
 
 
+def _config_kind(path: Path) -> str | None:
+    """What a config.json describes when it is not a CLIP vision encoder (a diffusers model, a text model), else None."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "_class_name" in data:
+        return f"diffusers {data['_class_name']}"
+    model_type = data.get("model_type")
+    if model_type is not None and model_type not in ("clip_vision_model", "clip"):
+        return f"{model_type} model"
+    return None
+
+
 def check_encoder_folder(config: AdapterConfig, name_or_path: str | os.PathLike) -> None:
     """`check_encoder` from a local encoder folder's config alone, before any weights load ("repo::sub" and
     subfolders as `ImageEncoder.from_pretrained`). Hub ids pass (their config is not on disk)."""
@@ -157,9 +185,14 @@ def check_encoder_folder(config: AdapterConfig, name_or_path: str | os.PathLike)
     name, sub = model_source(name_or_path, None, "image encoder")
     if config.image_feature == "none" or not (Path(name) / sub.get("subfolder", "") / "config.json").is_file():
         return
+    folder = Path(name) / sub.get("subfolder", "")
+    kind = _config_kind(folder / "config.json")
+    if kind is not None:
+        raise ValueError(f"{folder} holds a {kind} (its config.json); expected a CLIP vision encoder "
+                         "(model_type clip_vision_model, or clip)")  # fmt: skip
     try:
         found = CLIPVisionConfig.from_pretrained(name, **sub)  # what CLIPVisionModelWithProjection will be built from
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"cannot read the image encoder config in {name_or_path}: {error}") from error
     check_encoder(config, SimpleNamespace(config=found))
 

@@ -101,7 +101,8 @@ def match_variant(
         return candidates[0].name
     generic = [
         v for v in VARIANTS.values()
-        if v.family == "any" and v.projection == projection and (v.projection != "faceid_plus" or v.shortcut == wants_shortcut)
+        if v.family == "any" and v.projection == projection and v.num_tokens in (0, num_tokens)
+        and (v.projection != "faceid_plus" or v.shortcut == wants_shortcut)
         and (v.projection != "faceid" or (v.lora_rank > 0) == (lora_rank > 0))
     ]
     return generic[0].name if generic else "custom"
