@@ -345,3 +345,47 @@ def test_faceid_lora_follows_a_unet_moved_after_attaching():
     assert moved.device.type == "meta" and moved.shape == expected_shape
     assert {p.device.type for p in adapter.lora.parameters()} == {"meta"}
     assert {p.device.type for p in adapter.image_proj.parameters()} == {"cpu"}  # the rest stays where it was
+
+
+def test_faceid_lora_hooks_follow_the_unets_projections():
+    """The FaceID LoRA sits in forward hooks on each attention's q/k/v/out Linear layers: a PEFT LoRA loaded before
+    attaching and unloaded after (pipe.unload_lora_weights) leaves it acting (it is hooked on the layer PEFT wraps);
+    fused projections, which bypass those layers, are refused at attach and at the next check; a deep-copied UNet
+    carries its own copy of the LoRA."""
+    import copy
+
+    from peft import LoraConfig
+
+    unet = tiny_unet("compact")
+    torch.manual_seed(0)
+    adapter = IPAdapter.for_unet(unet, "faceid")
+    with torch.no_grad():
+        for p in adapter.lora.parameters():
+            p.normal_(0, 0.3)
+    inputs = unet_inputs(unet, 2)
+
+    def run(model=unet):
+        with torch.no_grad():
+            adapter.set_tokens(adapter.project(face_id=torch.ones(2, 512)))
+            return model(**inputs).sample
+
+    adapter.attach(unet)
+    expected = run()
+    adapter.detach()
+    unet.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="style")
+    adapter.attach(unet)
+    assert torch.equal(run(), expected)  # (the style LoRA starts as zero)
+    unet.unload_lora()  # what pipe.unload_lora_weights() calls: the wrapped Linear layers are put back
+    adapter.check_attached(unet)
+    assert torch.equal(run(), expected)
+    clone = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in adapter.lora.parameters():
+            p.zero_()
+    assert torch.equal(run(clone), expected) and not torch.equal(run(), expected)  # the copy has its own LoRA
+    unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="the attention processor of .* was replaced after this adapter was attached"):
+        adapter.check_attached(unet)
+    adapter.detach()
+    with pytest.raises(ValueError, match=r"this UNet's attention projections are fused \(fuse_qkv_projections\(\)\)"):
+        adapter.attach(unet)

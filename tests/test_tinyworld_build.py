@@ -311,6 +311,7 @@ def test_command_line_bad_input_is_one_line(tmp_path, capsys):
 
     for argv, message in ((["--stages", "foo"], "unknown stages ['foo']"), (["--threads", "0"], "--threads >= 1"),
                           (["--set", "unet.steps=abc"], "unet.steps expects a number"),
+                          (["--stop-after", "0"], "--stop-after must be >= 1 (steps of this run), found 0"),
                           (["--stages", "tokenizer", "--ship", str(tmp_path / "ship")],  # before building anything
                            "--ship needs the finished stages assemble and adapters; ['assemble', 'adapters'] neither")):  # fmt: skip
         assert cli(["--out", str(tmp_path / "b"), "--scale", "smoke", *argv]) == 2

@@ -24,7 +24,7 @@ from .attention import DecoupledAttnProcessor, ImageBranch, IPLayer
 from .blocks import layer_weights
 from .config import AdapterConfig, ResamplerConfig, base_family, image_encoder_name
 from .layers import AttentionLayer, attention_layers, cross_attention_layers
-from .lora import AttentionLoRA, hook_lora
+from .lora import AttentionLoRA, hook_lora, hooks_in_place
 from .projection import build_projection
 from .state import PromptState
 from .variants import get_variant
@@ -179,6 +179,10 @@ class IPAdapter(nn.Module):
                     f"the adapter's LoRA expects {len(cfg.lora_hidden_sizes)} attention layers of widths "
                     f"{cfg.lora_hidden_sizes[:4]}...; the UNet has {len(sizes)} of widths {sizes[:4]}..."
                 )
+            if any(getattr(layer.module, "fused_projections", False) for layer in all_layers):
+                # diffusers' fused processors call to_qkv / to_kv, never the to_q / to_k / to_v the LoRA hooks are on
+                raise ValueError("this UNet's attention projections are fused (fuse_qkv_projections()), which bypasses "
+                                 "the q/k/v layers a FaceID adapter's LoRA acts on: unfuse_qkv_projections() first")
         return cross
 
     @property
@@ -215,7 +219,7 @@ class IPAdapter(nn.Module):
             self._processors.append((module, processor))
         if self.lora is not None:  # on every attention layer, self-attention included, as hooks (see `hook_lora`)
             for j, layer in enumerate(attention_layers(unet)):
-                self._lora_hooks += hook_lora(layer.module, self.lora[j])
+                self._lora_hooks.append((layer, hook_lora(layer.module, self.lora[j])))
         return self
 
     def _append_tokens(self, module, args, kwargs):
@@ -251,8 +255,9 @@ class IPAdapter(nn.Module):
             if processor.empty and module.processor is processor:
                 module.set_processor(processor.previous)
         self._processors = []
-        for handle in self._lora_hooks:
-            handle.remove()
+        for _, handles in self._lora_hooks:
+            for handle in handles:
+                handle.remove()
         self._lora_hooks = []
         self._unet = None
         self.state.clear()
@@ -280,6 +285,14 @@ class IPAdapter(nn.Module):
                     f"{type(module.processor).__name__}; diffusers' enable_attention_slicing(), "
                     "fuse_qkv_projections(), set_attn_processor() and load_ip_adapter() install their own): make such "
                     "calls before attaching, or detach() and attach again"
+                )
+
+        for layer, handles in self._lora_hooks:
+            if not hooks_in_place(layer.module, handles):
+                raise ValueError(
+                    f"the q/k/v/out projections of {layer.name}, where this FaceID adapter's LoRA acts, were fused or "
+                    "replaced after it was attached (diffusers' fuse_qkv_projections(), unload_lora_weights() of a "
+                    "LoRA loaded before attaching): detach() and attach again"
                 )
 
     def co_attached(self) -> set[nn.Module]:

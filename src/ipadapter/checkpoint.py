@@ -596,9 +596,12 @@ def adapter_from_tensors(
     with torch.device("meta"):
         adapter = IPAdapter(config)
     expected = {k: v.shape for k, v in adapter.state_dict().items()}
-    own = detect_layout(tensors, metadata) == "ipadapter"
-    check_state_dict(expected, internal, f"checkpoint {name} ({config.variant})",
-                     shown=(lambda key: key) if own else _official_name)  # fmt: skip
+    layout = detect_layout(tensors, metadata)
+    # tensors are named as the file names them; a trainer state's (image_proj_model.*, adapter_modules.*) by the
+    # official names it converts to
+    what = f"checkpoint {name} ({config.variant}" + (", tensors named as in the official layout)"
+                                                     if layout == "training" else ")")  # fmt: skip
+    check_state_dict(expected, internal, what, shown=(lambda key: key) if layout == "ipadapter" else _official_name)
     adapter.load_state_dict(internal, strict=True, assign=True)
     return adapter
 

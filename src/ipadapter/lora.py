@@ -42,20 +42,39 @@ def hook_lora(attn: nn.Module, lora: AttentionLoRA) -> list[torch.utils.hooks.Re
     its call, as perturbed-attention guidance does), as diffusers' PEFT LoRA does. Returns the hooks' handles."""
     handles = []
     for proj_name, lora_name in PROJECTIONS:
-        proj = attn.to_out[0] if proj_name == "to_out" else getattr(attn, proj_name)
-        handles.append(proj.register_forward_hook(_delta_hook(lora, getattr(lora, lora_name))))
+        handles.append(projection(attn, proj_name).register_forward_hook(_DeltaHook(lora, getattr(lora, lora_name))))
     return handles
 
 
-def _delta_hook(lora: AttentionLoRA, delta: LoRALinear):
-    def add_delta(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+def projection(attn: nn.Module, name: str) -> nn.Module:
+    """`attn`'s q/k/v/out Linear layer; under a PEFT LoRA (pipe.load_lora_weights) the layer it wraps, which stays
+    in place when that LoRA is unloaded (unload_lora_weights() puts it back instead of the wrapper)."""
+    proj = attn.to_out[0] if name == "to_out" else getattr(attn, name)
+    base = getattr(proj, "get_base_layer", None)
+    return base() if callable(base) else proj
+
+
+def hooks_in_place(attn: nn.Module, handles: list[torch.utils.hooks.RemovableHandle]) -> bool:
+    """Whether `hook_lora`'s hooks on `attn` still act: its projections not fused or replaced since."""
+    if getattr(attn, "fused_projections", False):
+        return False
+    return all(h.id in projection(attn, name)._forward_hooks for (name, _), h in zip(PROJECTIONS, handles))
+
+
+class _DeltaHook:
+    """The forward hook that adds one LoRA delta to a projection's output. An object rather than a closure so that
+    `copy.deepcopy` of a UNet copies its LoRA with it (a copied closure would still run the original's)."""
+
+    def __init__(self, lora: AttentionLoRA, delta: LoRALinear) -> None:
+        self.lora = lora  # the layer's AttentionLoRA (moved as a whole)
+        self.delta = delta  # its q, k, v or out part
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        if delta.down.weight.device != x.device and not torch.compiler.is_compiling():
+        if self.delta.down.weight.device != x.device and not torch.compiler.is_compiling():
             # The UNet runs elsewhere than where the adapter was attached (enable_model_cpu_offload() moves it to the
             # GPU for its forward only): this layer's LoRA moves there once, as the offloaded UNet's own weights do
             # (a few MB per layer; the image keys/values are moved, not the projections, see
             # `attention.ImageBranch._project_tokens`).
-            lora.to(x.device)
-        return output + delta(x)
-
-    return add_delta
+            self.lora.to(x.device)
+        return output + self.delta(x)

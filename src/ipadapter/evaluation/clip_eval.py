@@ -25,6 +25,7 @@ SUMMARY_KEYS = ("clip_i", "clip_t", "clipscore")
 # "ddim": the paper's sampler (§4.1.2: DDIM, 50 steps, guidance 7.5), built from the base's scheduler config (for
 # SD1.5's PNDM config: the official demo's DDIM settings); "pipeline": the scheduler saved with the base
 SCHEDULERS = ("ddim", "pipeline")
+OFFICIAL_DDIM = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}  # the IP-Adapter demo's DDIM
 
 
 @dataclass
@@ -91,8 +92,9 @@ class ClipEvalConfig:
                             ("--clip", "" if self.clip == "tinyworld" else self.clip),
                             ("--base-config", self.base_config)):  # fmt: skip
             check_local_model(flag, value)
-        tiny = resolve_base("tinyworld")  # the tiny world's folder, or a single file with its configs
-        if self.clip == "tinyworld" and tiny not in (resolve_base(self.base), self.base_config and resolve_base(self.base_config)):
+        tiny = Path(resolve_base("tinyworld")).resolve()  # the tiny world's folder, or a single file with its configs
+        given = [Path(resolve_base(b)).expanduser().resolve() for b in (self.base, self.base_config) if b]
+        if self.clip == "tinyworld" and tiny not in given:
             raise ValueError(f"--clip: the tiny world's scoring CLIP (64 px, trained on its shapes) cannot score "
                              f"images of {self.base}; pass the scoring CLIP (the paper's: "
                              "openai/clip-vit-large-patch14)")  # fmt: skip
@@ -153,6 +155,8 @@ RESULT_FIELDS = ("data", "image_root", "base", "base_config", "adapter", "image_
                  "images_per_pair", "with_text", "scheduler", "steps", "guidance", "seed", "dtype")  # fmt: skip
 # what a run.json written before a field existed ran with (other fields: their default)
 EARLIER = {"scheduler": "pipeline"}
+# fields recorded since, that existed before: what an earlier run.json ran with is unknown, so not compared
+UNRECORDED = ("base_config",)
 
 
 def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
@@ -174,7 +178,7 @@ def _check_run(out: Path, cfg: ClipEvalConfig, write: bool) -> None:
     saved = json.loads(path.read_text())
     defaults = {**{f.name: f.default for f in fields(ClipEvalConfig)}, **EARLIER}  # (a field added since)
     differ = [f"{k}: {saved.get(k, defaults[k])!r} there, {v!r} now" for k, v in wanted.items()
-              if saved.get(k, defaults[k]) != v]  # fmt: skip
+              if saved.get(k, defaults[k]) != v and (k in saved or k not in UNRECORDED)]  # fmt: skip
     if differ and not _has_results(out):  # a run that failed before its first pair recorded nothing to mix with
         if write:
             write_text(path, json.dumps(wanted, indent=2))
@@ -282,7 +286,13 @@ def run_clip_eval(cfg: ClipEvalConfig, show_progress: bool = True) -> dict:
         if cfg.scheduler == "ddim":
             from diffusers import DDIMScheduler
 
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            config = pipe.scheduler.config
+            if "sigma_data" in config or "shift" in config:  # EDM / flow-matching bases: no DDPM betas to build on
+                raise ValueError(f"--scheduler ddim: the base's {type(pipe.scheduler).__name__} is not a DDPM-schedule "
+                                 "scheduler to build DDIM from; pass --scheduler pipeline")  # fmt: skip
+            # DDIM-only settings a base's other scheduler config may lack (a community DPM-Solver config has no
+            # clip_sample, and DDIM's default True clamps the predicted latents to [-1, 1]): the official demo's
+            pipe.scheduler = DDIMScheduler.from_config(config, **{k: v for k, v in OFFICIAL_DDIM.items() if k not in config})
         adapter = IPAdapter.from_file(adapter_path, dtype=dtype, unet=pipe.unet)
         encoder_path = resolve_image_encoder(cfg.base, cfg.image_encoder)  # (there: `check_files`)
         prompter = ImagePrompter(pipe, adapter, ImageEncoder.from_pretrained(encoder_path, dtype=dtype, device=cfg.device))
