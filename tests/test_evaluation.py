@@ -261,6 +261,12 @@ def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monk
     CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=40, num_hidden_layers=1,
                      num_attention_heads=2, image_size=32, patch_size=8).save_pretrained(tmp_path / "enc40")  # fmt: skip
     render(_scene()).save(tmp_path / "r.png")
+    from diffusers import UNet2DConditionModel
+
+    from ipadapter import IPAdapter
+
+    unet = UNet2DConditionModel.from_pretrained(TINYWORLD_DIR / "sd", subfolder="unet")
+    IPAdapter.for_unet(unet, "faceid_plusv2", image_embed_dim=64).save(tmp_path / "ip-adapter-faceid-plusv2.safetensors")
     cases = [
         (["clip", "--limit", "-1"], "limit must be >= 0, found -1"),  # was read as "all but the last pair"
         (["clip", "--scheduler", "euler"], "unknown scheduler 'euler'; expected one of ddim, pipeline"),
@@ -277,6 +283,8 @@ def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monk
         (["clip", "--data", str(tmp_path / "shards.tar")],
          "unsupported --data pairs " + str(tmp_path / "shards.tar") + ": expected .json, .jsonl, a folder of images, "
          "or tinyworld:N:SEED (WebDataset .tar shards are read by training only)"),
+        (["clip", "--adapter", str(tmp_path / "ip-adapter-faceid-plusv2.safetensors")],
+         "ip-adapter-faceid-plusv2.safetensors (faceid_plusv2) is a FaceID adapter, prompted with face embeddings"),
         (["face", "--reference", str(tmp_path / "r.png"), "--generated", str(tmp_path / "r.png"), "--no-identity"],
          "--no-identity leaves nothing to measure: add --fid-real and / or --lpips"),
         (["clip", "--scale", "nan"], "scale must be a finite number, found nan"),

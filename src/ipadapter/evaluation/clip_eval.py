@@ -105,9 +105,9 @@ class ClipEvalConfig:
 
         tensors, metadata = read_tensors(Path(adapter), shapes_only=True)
         config = adapter_from_tensors(tensors, metadata, Path(adapter).name).config  # (meta device: shapes only)
-        if config.image_feature == "none":
-            raise ValueError(f"{Path(adapter).name} ({config.variant}) reads face embeddings only; eval clip prompts "
-                             "with the pairs' images (FaceID adapters: eval face)")  # fmt: skip
+        if config.id_embed_dim:  # FaceID (-Plus): face embeddings, which (image, caption) pairs do not hold
+            raise ValueError(f"{Path(adapter).name} ({config.variant}) is a FaceID adapter, prompted with face "
+                             "embeddings; eval clip prompts with the pairs' images only (FaceID: eval face)")  # fmt: skip
         encoder = resolve_image_encoder(self.base, self.image_encoder)
         if not encoder:
             raise ValueError(f"this adapter ({config.variant}) needs {config.image_encoder_name}; pass --image-encoder "
