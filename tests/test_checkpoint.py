@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import REFERENCE, real_unet_on_meta, reference_json, tiny_unet
 
 from ipadapter import IPAdapter, load_adapter, read_tensors
@@ -283,8 +283,14 @@ def test_file_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_adapter(tmp_path / "missing.safetensors")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.bin")
-    with pytest.raises(ValueError, match=r"not an IP-Adapter checkpoint: expected `image_proj\.\*`"):
+    with pytest.raises(ValueError, match=r"not an IP-Adapter checkpoint: expected `image_proj\.\*`.*'weight'\]$"):
         load_adapter(tmp_path / "other.bin")
+    for keys, hint in ((["lora_unet_down_blocks_0.lora_down.weight"], "this looks like a LoRA .*load_lora_weights"),
+                       (["model.diffusion_model.input_blocks.0.0.weight"], "this looks like a UNet or a whole Stable Diffusion checkpoint"),
+                       (["vision_model.embeddings.patch_embedding.weight"], "this looks like a CLIP image encoder")):  # fmt: skip
+        save_file({k: torch.zeros(2) for k in keys}, str(tmp_path / "other.safetensors"))
+        with pytest.raises(ValueError, match=f"not an IP-Adapter checkpoint: .* - {hint}"):
+            load_adapter(tmp_path / "other.safetensors")
 
 
 class _Exploit:

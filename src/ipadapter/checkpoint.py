@@ -184,8 +184,20 @@ def detect_layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     sample = sorted(tensors)[:5]
     raise ValueError(
         "not an IP-Adapter checkpoint: expected `image_proj.*` and `ip_adapter.*` tensors (official layout) or "
-        f"ipadapter metadata; found {len(tensors)} tensors such as {sample}"
+        f"ipadapter metadata; found {len(tensors)} tensors such as {sample}{_what_it_is(tensors)}"
     )
+
+
+def _what_it_is(tensors: dict[str, torch.Tensor]) -> str:
+    """A hint for files often taken for IP-Adapters: LoRAs, whole UNets or pipelines, image encoders."""
+    keys = list(tensors)
+    if any("lora" in k.lower() for k in keys):
+        return " - this looks like a LoRA (its tensors name lora): load it with diffusers' pipe.load_lora_weights()"
+    if any(k.startswith(("model.diffusion_model.", "conv_in.", "down_blocks.")) for k in keys):
+        return " - this looks like a UNet or a whole Stable Diffusion checkpoint, to pass as --base"
+    if any(k.startswith("vision_model.") for k in keys):
+        return " - this looks like a CLIP image encoder, to pass as --image-encoder (its folder)"
+    return ""
 
 
 # ---- pure layout mappings ---------------------------------------------------------------------------------------
