@@ -383,6 +383,13 @@ def test_faceid_lora_hooks_follow_the_unets_projections():
         for p in adapter.lora.parameters():
             p.zero_()
     assert torch.equal(run(clone), expected) and not torch.equal(run(), expected)  # the copy has its own LoRA
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    hooked = attn.to_q
+    attn.to_q = torch.nn.Linear(hooked.in_features, hooked.out_features, bias=False)  # replaced by hand, hook behind
+    with pytest.raises(ValueError, match=r"the q/k/v/out projections of down_blocks\.0\..*attn1, where this FaceID "
+                                         r"adapter's LoRA acts, were fused or replaced after it was attached"):  # fmt: skip
+        adapter.check_attached(unet)
+    attn.to_q = hooked
     unet.fuse_qkv_projections()
     with pytest.raises(ValueError, match="the attention processor of .* was replaced after this adapter was attached"):
         adapter.check_attached(unet)
