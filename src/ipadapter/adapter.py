@@ -291,8 +291,7 @@ class IPAdapter(nn.Module):
             if not hooks_in_place(layer.module, handles):
                 raise ValueError(
                     f"the q/k/v/out projections of {layer.name}, where this FaceID adapter's LoRA acts, were fused or "
-                    "replaced after it was attached (diffusers' fuse_qkv_projections(), unload_lora_weights() of a "
-                    "LoRA loaded before attaching): detach() and attach again"
+                    "replaced after it was attached (e.g. a Linear layer assigned by hand): detach() and attach again"
                 )
 
     def co_attached(self) -> set[nn.Module]:

@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help='text prompt (default: "" = image-only prompting)')
     p.add_argument("--negative-prompt", help="negative text prompt (default: empty)")
     p.add_argument("--negative-image", dest="negative_images", nargs="+", metavar="IMG",
-                   help="image(s) used as the unconditional image prompt")
-    p.add_argument("--negative-noise", type=float, help="unconditional image = the reference with this much noise (0-1)")
+                   help="image(s) used as the unconditional image prompt (needs --guidance > 1)")
+    p.add_argument("--negative-noise", type=float,
+                   help="unconditional image = the reference with this much noise (0-1; needs --guidance > 1)")
     p.add_argument("--scale", type=float, help="image prompt weight (default: 1.0)")
     p.add_argument("--preset", help="per-block preset: style, composition, style_and_composition, strong_style, "
                                     "strong_style_and_composition, ease_in, ease_out, ease_in_out, reverse_in_out, "

@@ -24,7 +24,7 @@ def save_embeds(path: str | os.PathLike, features: torch.Tensor, feature: str, e
     """Writes features (K, D) or (K, N, D) of K references; `encoder` names the image encoder (folder or hub id).
     `unconditional`: the encoder's features of the empty image (`ImageEncoder.unconditional(feature)`), so that the
     file alone serves a generation with guidance, with no encoder loaded (penultimate features need it: it is the
-    encoding of a black image, not zeros)."""
+    encoding of zero normalised pixels, the encoder's mean grey, not zero features)."""
     if feature not in ("pooled", "penultimate"):
         raise ValueError(f"feature must be 'pooled' or 'penultimate', found {feature!r}")
     expected_ndim = 2 if feature == "pooled" else 3

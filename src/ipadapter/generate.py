@@ -25,7 +25,7 @@ class GenerateConfig:
     images: list[str] = field(default_factory=list)  # reference image files, combined into one image prompt
     embeds: str = ""  # precomputed reference features (ipadapter embeddings .safetensors) instead of --image
     save_embeds: str = ""  # write the references' encoder features here (reusable with --embeds)
-    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
+    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract / max / min
     weights: list[float] = field(default_factory=list)  # one weight per reference
     prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
     prompt: str = ""  # text prompt ("" = image-only prompting)
@@ -41,7 +41,8 @@ class GenerateConfig:
     image_masks: list[str] = field(default_factory=list)  # what of each reference the encoder sees (white)
     content_text: str = ""  # InstantStyle: remove this text's embedding from the image embedding (pooled adapters)
     content_scale: float = 1.0  # ... times this
-    content_text_encoder: str = ""  # text tower paired with the image encoder (default: the tiny world's pair)
+    content_text_encoder: str = ""  # text tower paired with the image encoder (default: the tiny world's pair; SDXL:
+    # the base's own text_encoder_2, the bigG adapters' pair)
     negative_noise: float = 0.0  # > 0: the unconditional image prompt is the reference with this much noise
     face_id: str = ""  # FaceID adapters: a .safetensors / .npy file with (512,) or (N, 512) ArcFace embeddings
     face_image: str = ""  # FaceID adapters: an image whose largest face insightface embeds (local model pack)

@@ -56,7 +56,7 @@ class ImagePrompt:
     composition_image: ImageInput | Sequence | None = None  # with a style_and_composition preset: the layout image
     boost: float | None = None  # style_precise / composition_precise: λ of the reference as a negative (default: scale)
     scaling: str = "v"  # where λ acts: v (output, the paper's), kv, kv_penalty, k_mean_v_penalty (see docs/controls.md)
-    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract
+    combine: str = "concat"  # several references: concat / average / norm_average / add / subtract / max / min
     weights: Sequence[float] | None = None  # one weight per reference (same for every prompt)
     prep: str = "center_crop"  # reference preparation: center_crop / pad / squash / tiles
     image_mask: MaskInput | Sequence[MaskInput] | None = None  # which pixels of each reference the encoder sees
@@ -499,9 +499,10 @@ class ImagePrompter:
 
         Args:
             image: reference(s): one for every prompt, one per prompt, or lists of several (module docstring).
-            prompt: text prompt(s); "" for image-only prompting (None when `prompt_embeds` is given).
+            prompt: text prompt(s); "" for image-only prompting (leave it out when passing `prompt_embeds`).
             scale: λ for every layer, one per adapted layer, or a diffusers block dict (default 1).
-            negative_image: image(s) used as the unconditional image prompt instead of the empty one.
+            negative_image: image(s) used as the unconditional image prompt instead of the empty one (only
+                classifier-free guidance reads it: refused with guidance_scale <= 1).
             face_id: ArcFace embeddings for FaceID adapters: (512,), (N, 512) one per prompt, or (N, K, 512) with K
                 faces of one person per prompt (see `ImagePrompt.face_id`).
             guidance_scale: classifier-free guidance scale (default: the pipeline's own default).
@@ -509,8 +510,9 @@ class ImagePrompter:
             start: the image prompt acts from this fraction of the denoising schedule on (default 0) ...
             end: ... up to this fraction (default 1; step i of N acts when start <= i/N and (i+1)/N <= end).
             prompts: one `ImagePrompt` per adapter (instead of the arguments above), for several adapters.
-            **controls: other `ImagePrompt` fields (preset, combine, weights, mask, regions, prep, negative_noise,
-                composition_image, composition_scale, content_embeds, content_scale); everything else goes to
+            **controls: other `ImagePrompt` fields (preset, combine, weights, mask, regions, prep, image_mask,
+                negative_noise, composition_image, composition_scale, boost, scaling, content_embeds, content_scale,
+                s_scale, unconditional); everything else goes to
                 the pipeline (negative_prompt, num_inference_steps, generator, control_image, mask_image, ...).
                 The pipeline's own `image` (image-to-image start, ControlNet condition) is `pipeline_image=`, or
                 `image=` when `prompts` is given.
