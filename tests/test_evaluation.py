@@ -293,6 +293,7 @@ def test_eval_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monk
         (["clip", "--out", str(tmp_path / "file")], "is a file; expected a folder"),
         (["tinyworld", "--adapter", str(tmp_path / "missing.safetensors")], "adapter not found"),
         (["tinyworld", "--preset", "nosuch"], "unknown --preset 'nosuch'"),
+        (["tinyworld", "--n", "0"], "--n must be >= 1, found 0"),
         (["tinyworld", "--scale", "0.5", "nan"], "--scale must be finite numbers, found 0.5 nan"),
         (["tinyworld", "--out", str(tmp_path)], "is a folder; expected a file"),  # was an error after the whole run
     ]

@@ -132,6 +132,9 @@ def cmd_eval_tinyworld(args: argparse.Namespace) -> int:
     from .tinyworld.evaluate import EvalSettings, evaluate, load_tinyworld, markdown_table
 
     check_seed(args.seed)
+    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+        if value < 1:  # (EvalSettings names its fields, not the flags)
+            raise ValueError(f"{flag} must be >= 1, found {value}")
     settings = EvalSettings(n=args.n, seed=args.seed, steps=args.steps, guidance_scale=args.guidance)
     # everything is checked before the models load
     if not Path(resolve_adapter(args.adapter)).is_file():
