@@ -324,6 +324,14 @@ def test_small_layer_path_equals_sdpa_with_masks_groups_and_scaling_modes(unet, 
         adapter.state.set_groups(groups)
         reference = unet(**inputs).sample
         assert not calls  # all through SDPA
+        # off a CPU (on a GPU SDPA measured faster) the same layer takes SDPA; here the meta device stands for one
+        monkeypatch.undo()
+        branch = next(p.image_branches[0] for p in unet.attn_processors.values() if getattr(p, "image_branches", None))
+        width = branch.layer.to_k_ip.out_features
+        for device, block in (("cpu", True), ("meta", False)):
+            adapter.state.set_groups(groups)
+            query = torch.zeros(4, 2, 16, width // 2, device=device)  # (B, H, L, Dh)
+            assert [term.block for term in branch.terms(query)] == [block] * 3
         adapter.detach()
         plain = unet(**inputs).sample
     assert torch.allclose(small, reference, atol=1e-5)

@@ -24,6 +24,7 @@ from ipadapter.training.checkpointing import (
     resolve_resume,
 )
 from ipadapter.training.data import iter_webdataset, read_records
+from ipadapter.training.loop import ignore_stop_signals as _ignore_stop_signals
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,35 @@ def test_resume_is_exact(world, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume latest"):
         train(_cfg(world, tmp_path / "b", max_steps=6), show_progress=False)
+
+
+def _marking_worker_init(worker_id: int) -> None:
+    """The trainer's worker_init_fn, leaving one line per worker process started (a module-level function: workers
+    started by spawn or forkserver import it by name)."""
+    _ignore_stop_signals(worker_id)
+    with open(os.environ["IPADAPTER_TEST_WORKER_LOG"], "a") as log:
+        log.write(f"{os.getpid()}\n")
+
+
+def test_loader_workers_start_once_per_run_and_an_epochs_end_resumes_exactly(world, tmp_path, monkeypatch):
+    """16 samples in batches of 4: 10 steps are 2.5 epochs. The workers start once (a loader per epoch restarted
+    them at every epoch: with short epochs and 8 workers a fifth of a step's time on a GPU), and the data order,
+    epoch and position are the per-epoch ones: a run resumed from step 4, the end of the first epoch, ends with the
+    straight run's adapter."""
+    log = tmp_path / "workers.log"
+    monkeypatch.setenv("IPADAPTER_TEST_WORKER_LOG", str(log))
+    monkeypatch.setattr("ipadapter.training.loop.ignore_stop_signals", _marking_worker_init)
+    straight = train(_cfg(world, tmp_path / "a", max_steps=10, save_every=100, num_workers=2), show_progress=False)
+    assert len(log.read_text().split()) == 2
+    state = load_training_state(straight)
+    assert (state["epoch"], state["position"]) == (2, 8)
+    first = train(_cfg(world, tmp_path / "b", max_steps=4, num_workers=2), show_progress=False)
+    assert (load_training_state(first)["epoch"], load_training_state(first)["position"]) == (0, 16)
+    resumed = train(_cfg(world, tmp_path / "b", max_steps=10, save_every=100, num_workers=2, resume="latest"),
+                    show_progress=False)  # fmt: skip
+    assert (load_training_state(resumed)["epoch"], load_training_state(resumed)["position"]) == (2, 8)
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(resumed / "adapter.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def test_a_resume_takes_new_rates_and_refuses_other_samples(world, tmp_path):

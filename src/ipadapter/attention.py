@@ -19,7 +19,8 @@ from torch import nn
 
 from .state import PromptState
 
-# Small layers (e.g. the tiny world's) add their image attention through `add_block` rather than SDPA:
+# Small layers (e.g. the tiny world's) add their image attention through `add_block` rather than SDPA, on CPUs only
+# (on an H200 in float16 it was slower than SDPA: tiny-world UNet call +7.0% against +3.6% over the plain UNet):
 # at most this many channels (heads * head_dim) ...
 SMALL_LAYER_WIDTH = 128
 # ... and at most this many image keys over all heads (heads * tokens), which bounds the block-diagonal matrices'
@@ -67,7 +68,8 @@ def add_block(merged_query: torch.Tensor, term: Term, into: torch.Tensor) -> Non
 
     Why: SDPA over a handful of keys is dominated by its softmax over rows of T = 4 values; here the softmax runs
     over a leading axis with the L queries contiguous. At the tiny world's layers (L 16-256, width 64-96, 4 heads)
-    it is 1.4-3x faster (benchmarks/inference_overhead.py measures the whole effect)."""
+    it is 1.4-3x faster on a CPU (benchmarks/inference_overhead.py measures the whole effect); on a GPU, where
+    SDPA's softmax is fused, it is slower and not used."""
     batch, length, _ = merged_query.shape
     scores = torch.bmm(term.keys, merged_query.transpose(1, 2))  # (B, H*T, L)
     keys = scores.shape[1]
@@ -134,7 +136,7 @@ class ImageBranch:
         if mask is not None:
             mask = mask.to(device=query.device, dtype=query.dtype)
         weight = scale if mode == "v" else 1.0
-        if block_ok and self._small(group, heads, head_dim):
+        if block_ok and query.device.type == "cpu" and self._small(group, heads, head_dim):
             keys, values = self._block_diagonal(group, query, heads, scale, mode)
             return Term(keys, values, weight, None if mask is None else mask.transpose(1, 2), True, heads)
         if mode == "v":
@@ -144,8 +146,8 @@ class ImageBranch:
         return Term(keys, values, weight, None if mask is None else mask[:, None], False, heads)
 
     def _small(self, group: int, heads: int, head_dim: int) -> bool:
-        """Whether this group takes the block-diagonal path: outside autograd, at layers at most SMALL_LAYER_WIDTH
-        wide with at most SMALL_LAYER_KEYS image keys over all heads."""
+        """Whether this group takes the block-diagonal path (on a CPU): outside autograd, at layers at most
+        SMALL_LAYER_WIDTH wide with at most SMALL_LAYER_KEYS image keys over all heads."""
         if torch.is_grad_enabled() or heads * head_dim > SMALL_LAYER_WIDTH:
             return False
         return heads * self.state.groups[group].cond.shape[1] <= SMALL_LAYER_KEYS
