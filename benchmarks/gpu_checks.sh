@@ -3,8 +3,9 @@
 # 15 minutes of device time (the machine's start included) hold the first two (about 10 minutes); the third, or a
 # rerun of one, only if time is left:
 #
-#   bash benchmarks/gpu_checks.sh train      # issue 4: samples/s at real SD1.5 + ViT-H size, 512 px, bf16 (~6 min)
-#   bash benchmarks/gpu_checks.sh inference  # issue 5: seconds per denoising step, fp16, SD1.5 at 512 (~4 min)
+#   bash benchmarks/gpu_checks.sh train      # issue 4: samples/s at real SD1.5 + ViT-H size, 512 px, bf16 (~7 min)
+#   bash benchmarks/gpu_checks.sh inference  # issue 5: seconds per denoising step, fp16, SD1.5 at 512, and the
+#                                            # image attention's host / device time per layer (~4 min)
 #   bash benchmarks/gpu_checks.sh deepspeed  # DeepSpeed ZeRO-2 on one GPU, fp16 and bf16: exact resume (~3 min)
 #
 # Logs go to $OUT (the device tool's folder that comes back) or ./gpu-checks. `GPU_CHECKS_SMOKE=1` runs the same
@@ -45,14 +46,18 @@ EOF
 if [ "${GPU_CHECKS_SMOKE:-0}" = 1 ]; then
     train=(--proportions sd15 --width 0.5 --resolution 128 --samples 8 --batch-size 2 --steps 2 --workers 2)
     inference=(--models tinyworld --seconds 2 --min-rounds 2)
+    kernels=(--resolution 128 --calls 5 --rounds 3)
     compile=aot_eager
     deepspeed=(--data tinyworld:16:1 --resolution 32 --batch-size 2 --max-steps 4 --save-every 2)
     middle=2
     precisions=(bf16)
 else
-    train=(--proportions sd15 --width 1.0 --resolution 512 --mixed-precision bf16 --samples 64 --batch-size 8
+    # 192 samples: no epoch ends within the 2 + 20 steps (the official-style loop restarts its loader's workers at
+    # each epoch, as tutorial_train.py does; 64 samples made that a fifth of the timed steps on 2026-11-30)
+    train=(--proportions sd15 --width 1.0 --resolution 512 --mixed-precision bf16 --samples 192 --batch-size 8
            --steps 20 --workers 8)
-    inference=(--models tinyworld,sd15 --dtype float16 --sd15-resolution 512 --seconds 60 --min-rounds 6)
+    inference=(--models tinyworld,sd15 --dtype float16 --sd15-resolution 512 --seconds 40 --min-rounds 6)
+    kernels=(--dtype float16 --resolution 512)
     compile=inductor
     deepspeed=(--data tinyworld:512:1 --resolution 64 --batch-size 16 --max-steps 30 --save-every 15
                --cache-embeddings true)
@@ -64,10 +69,14 @@ case $part in
     train)
         # our trainer with the cache (eager, compiled, channels-last) vs the tutorial_train.py-style loop, and the
         # FLOPs of each model per sample (what a cache can save where time follows FLOPs)
-        $py benchmarks/train_throughput.py "${train[@]}" --compile "$compile" --row channels_last=true 2>&1 | tee "$out/train_throughput.txt"
+        $py benchmarks/train_throughput.py "${train[@]}" --compile "$compile" --row channels_last=true \
+            --row "compile=$compile,channels_last=true" 2>&1 | tee "$out/train_throughput.txt"
         ;;
     inference)
         $py benchmarks/inference_overhead.py "${inference[@]}" --device "$device" 2>&1 | tee "$out/inference_overhead.txt"
+        for tokens in 4 16; do
+            $py benchmarks/attention_kernels.py "${kernels[@]}" --tokens $tokens --device "$device" 2>&1 | tee -a "$out/attention_kernels.txt"
+        done
         ;;
     deepspeed)
         # the example ZeRO-2 config as shipped, one process (the machine has one GPU): a run, the same run resumed
