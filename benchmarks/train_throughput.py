@@ -209,7 +209,7 @@ def main() -> None:
             args.base, args.image_encoder = make_proportional_sd15(Path(tmp) / "models", args.width, args.resolution)
         cfg = TrainConfig(base=args.base, image_encoder=args.image_encoder, data=data, resolution=args.resolution,
                           batch_size=args.batch_size, max_steps=args.steps + 2, save_every=10**9,
-                          cache_embeddings=True, output=str(Path(tmp) / "run"), log_every=1,
+                          cache_embeddings=True, output=str(Path(tmp) / "run"),
                           mixed_precision=args.mixed_precision, num_workers=args.workers)  # fmt: skip
         baselines, caches, rates, warmups = [], [], [[] for _ in rows], [[] for _ in rows]
         for r in range(args.rounds):
