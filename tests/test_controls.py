@@ -120,6 +120,31 @@ def test_zero_mask_is_no_adapter_and_full_mask_is_no_mask(setup):
         prompter.detach()
 
 
+def test_regions_are_the_masked_prompts_of_their_references_with_presets_negatives_and_tiles(setup):
+    """Region j is the image prompt of reference j alone, masked to region j: an all-white region is that prompt
+    unmasked, an all-black one nothing. So a precise preset's unconditional-side group is masked too, one negative
+    image per reference goes with its reference, and tiles keep their `combine` (and take one weight per region)."""
+    ours, _, encoder, adapters = setup
+    a, b, c = _refs()
+    wide = Image.effect_mandelbrot((96, 32), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    white, black = torch.ones(16, 16), torch.zeros(16, 16)
+    plain = _run(ours)
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        precise = _run(prompter, image=a, preset="style_precise", boost=1.0)
+        assert abs(_run(prompter, image=[a, b], regions=[white, black], preset="style_precise", boost=1.0)
+                   - precise).max() <= 1e-5  # fmt: skip
+        assert abs(_run(prompter, image=a, regions=[black], preset="style_precise", boost=1.0) - plain).max() <= 1e-6
+        negative = _run(prompter, image=a, negative_image=c)
+        assert abs(_run(prompter, image=[a, b], regions=[white, black], negative_image=[c, b]) - negative).max() <= 1e-5
+        tiled = _run(prompter, image=wide, prep="tiles", combine="average", scale=0.5)
+        found = _run(prompter, image=[wide, b], regions=[white, black], prep="tiles", combine="average", weights=[0.5, 1])
+        assert abs(found - tiled).max() <= 1e-5
+        assert abs(tiled - _run(prompter, image=wide, prep="tiles", scale=0.5)).max() > 1e-4  # (concat differs)
+    finally:
+        prompter.detach()
+
+
 def test_batch_items_keep_their_own_references(setup):
     """diffusers issue #9813: per-sample references in one batch must not mix."""
     ours, _, encoder, adapters = setup
@@ -368,5 +393,34 @@ def test_a_mask_of_the_outputs_aspect_is_diffusers_grid_except_where_a_level_was
         monkeypatch.setattr(ImagePrompter, "_track_step", lambda *args, **kwargs: None)  # latent size unknown
         fallback = _run(prompter, image=a, scale=0.8, mask=mask[0, 0], **size)
         assert abs(expected - fallback).max() <= 1e-5
+    finally:
+        prompter.detach()
+
+
+def test_a_negative_image_with_tiled_references_is_encoded_whole_for_every_tile(setup):
+    """prep="tiles" cuts 3 tiles from a 3:1 reference and a 2 x 2 grid from a square negative: the negative is not
+    tiled but encoded whole and stands for every tile of its reference (ComfyUI's IPAdapterTiled gives its
+    image_negative to every tile), so any negative fits any reference."""
+    ours, _, encoder, adapters = setup
+    a, b, c = _refs()
+    wide = Image.effect_mandelbrot((96, 32), (-2, -1.2, 1, 1.2), 20).convert("RGB")
+    prompter = ImagePrompter(ours, IPAdapter.from_file(adapters["base"]), encoder)
+    try:
+        found = _run(prompter, image=wide, prep="tiles", combine="average", negative_image=c)
+        # the same from the features: the tiles' mean as the reference, the whole negative as the unconditional one
+        tiles = prompter.features([wide], prep="tiles")
+        assert tiles.shape[0] == 3
+        expected = _run(prompter, image=tiles.mean(0), negative_image=prompter.features([c])[0])
+        assert abs(found - expected).max() <= 1e-5
+        assert abs(found - _run(prompter, image=wide, prep="tiles", combine="average")).max() > 1e-4  # it acted
+        # one negative per reference: each stands for the tiles of its own reference (3 + 4 tiles, concatenated)
+        (group,) = prompter.groups(0, ImagePrompt(image=[wide, b], prep="tiles", negative_image=[c, a]), 1, True)
+        assert group.uncond.shape == group.cond.shape
+        whole = prompter.adapter.project(image=prompter.features([c, a]))  # (2, T, C)
+        t = whole.shape[1]
+        assert torch.allclose(group.uncond[0, : 3 * t], whole[0].repeat(3, 1), atol=1e-6)
+        assert torch.allclose(group.uncond[0, 3 * t :], whole[1].repeat(4, 1), atol=1e-6)
+        with pytest.raises(ValueError, match=r"one negative image, or one per reference \(2\), found 3"):
+            prompter.groups(0, ImagePrompt(image=[wide, b], prep="tiles", negative_image=[c, a, b]), 1, True)
     finally:
         prompter.detach()

@@ -131,6 +131,8 @@ def test_bad_inputs_fail_before_any_model_work(setup, tmp_path, capsys):
         ([*ok, "--controlnet", "/no/such/controlnet", "--control-image", ref], r"--controlnet /no/such/controlnet: not found"),
         (["--image", ref, ref, "--negative-image", ref, ref, ref, "--adapter", str(root / "ip-adapter.safetensors")],
          r"expected one --negative-image, or one per --image \(2\), found 3"),
+        (["--image", ref, ref, "--prep", "tiles", "--negative-image", ref, ref, ref, "--adapter",
+          str(root / "ip-adapter.safetensors")], r"expected one --negative-image, or one per --image \(2\), found 3"),
         ([*ok, "--pag-layers", "mid"], r"--pag-layers .* acts only with --pag-scale > 0"),
         ([*ok, "--pag-scale", "2", "--pag-layers", "down("], r"--pag-layers 'down\(' is not a valid pattern"),
     ]

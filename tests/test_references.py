@@ -144,3 +144,25 @@ def test_references_per_prompt_rules():
     with pytest.raises(ValueError, match="a mask must be \\(height, width\\), found shape \\(2, 3, 4\\)"):
         load_mask(torch.zeros(2, 3, 4))
     assert load_mask(Image.new("L", (4, 2), 255)).tolist() == [[1.0] * 4] * 2
+
+
+def test_stacked_masks_are_read_from_arrays_and_from_diffusers_mask_processor_output():
+    """Per-prompt masks as an (N, H, W) array are read as the same tensor is (an array was refused as not (H, W)),
+    and diffusers' `IPAdapterMaskProcessor.preprocess` output, (N, 1, H, W), is N masks."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from ipadapter.prompter import masks_tensor
+
+    left = np.zeros((2, 8, 8), np.float32)
+    left[0, :, :4] = left[1, :, 4:] = 1.0
+    expected = masks_tensor(torch.from_numpy(left), 2)
+    assert expected.shape == (2, 8, 8)
+    assert torch.equal(masks_tensor(left, 2), expected)
+    assert torch.equal(masks_tensor(left[:, ::-1], 2), expected.flip(1))  # a flipped array (negative strides)
+    assert torch.equal(masks_tensor(left[:1] > 0.5, 1), expected[:1])  # a boolean array
+    images = [Image.fromarray((m * 255).astype(np.uint8)) for m in left]
+    processed = IPAdapterMaskProcessor().preprocess(images, height=8, width=8)  # (2, 1, 8, 8)
+    assert torch.equal(masks_tensor(processed, 2), expected)
+    assert torch.equal(masks_tensor(processed[:1], 1), expected[:1])
+    with pytest.raises(ValueError, match=r"found shape \(2, 3, 8, 8\) \(several masks: a list, or an \(N, height, width\)"):
+        masks_tensor(np.zeros((2, 3, 8, 8), np.float32), 2)

@@ -107,7 +107,7 @@ def check_inputs(cfg: GenerateConfig) -> None:
             load_alpha(path)  # ValueError naming the reference without one
     if cfg.image_masks and len(cfg.image_masks) not in (1, len(cfg.images)):
         raise ValueError(f"expected one --image-mask, or one per --image ({len(cfg.images)}), found {len(cfg.image_masks)}")
-    if cfg.negative_images and cfg.images and cfg.prep != "tiles" and len(cfg.negative_images) not in (1, len(cfg.images)):
+    if cfg.negative_images and cfg.images and len(cfg.negative_images) not in (1, len(cfg.images)):
         raise ValueError(f"expected one --negative-image, or one per --image ({len(cfg.images)}), found "
                          f"{len(cfg.negative_images)}")  # fmt: skip
     for flag, value in (("--image-encoder", cfg.image_encoder), ("--controlnet", cfg.controlnet),

@@ -38,7 +38,7 @@ from .combine import combine_features, concat_tokens
 from .encoders import ImageEncoder, check_encoder
 from .images import load_image, to_8bit
 from .noise import noised_reference
-from .references import prepare
+from .references import prepare, tile_count
 from .state import BatchLayout, TokenGroup, check_window
 
 ImageInput = Image.Image | torch.Tensor
@@ -126,16 +126,22 @@ def load_mask(mask: MaskInput) -> torch.Tensor:
     if tensor.ndim == 3 and tensor.shape[0] == 1:
         tensor = tensor[0]
     if tensor.ndim != 2:
-        raise ValueError(f"a mask must be (height, width), found shape {tuple(tensor.shape)}")
+        raise ValueError(f"a mask must be (height, width), found shape {tuple(tensor.shape)} (several masks: a list, or "
+                         "an (N, height, width) / (N, 1, height, width) tensor or array)")
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
         raise ValueError(f"mask values must be in [0, 1], found [{float(tensor.min())}, {float(tensor.max())}]")
     return tensor
 
 
 def masks_tensor(mask, n_prompts: int) -> torch.Tensor | None:
-    """One mask for all prompts, or one per prompt -> (1 or N, H, W)."""
+    """One mask for all prompts, or one per prompt -> (1 or N, H, W). A stack of masks may be an (N, H, W) tensor or
+    array, or diffusers' `IPAdapterMaskProcessor.preprocess` output (N, 1, H, W)."""
     if mask is None:
         return None
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))  # (a flipped array has negative strides)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]  # (N, 1, H, W): one channel per mask
     if isinstance(mask, (list, tuple)):
         loaded = [load_mask(m) for m in mask]
         if len(loaded) not in (1, n_prompts):
@@ -299,6 +305,19 @@ class ImagePrompter:
         out = torch.cat(pixels)  # (K', 3, S, S)
         return out * torch.stack(weights)[:, None].to(out)  # (K', 1, S, S) broadcast over channels
 
+    def _tiled_negatives(self, negatives: list, refs: list, slot: int) -> torch.Tensor:
+        """With prep="tiles": each negative image encoded whole (the encoder's centre crop), standing for every tile
+        of its reference, as ComfyUI_IPAdapter_plus's IPAdapterTiled gives its image_negative to every tile. (Tiled
+        itself, a negative of another aspect ratio than its reference would give another number of tiles.)"""
+        feats = self.features(negatives, slot, "center_crop")  # (one per negative, ...)
+        if feats.shape[0] == 1:
+            return feats  # expanded to every tile by the caller
+        if feats.shape[0] != len(refs):
+            raise ValueError(f"expected one negative image, or one per reference ({len(refs)}), found {feats.shape[0]}")
+        loaded = [load_image(x) if isinstance(x, (str, Path)) else x for x in refs]
+        counts = [tile_count(x.size) if isinstance(x, Image.Image) else 1 for x in loaded]  # features: not tiled
+        return feats.repeat_interleave(torch.tensor(counts, device=feats.device), dim=0)
+
     @torch.no_grad()
     def _prompt_tokens(self, slot: int, refs: list | None, negatives: list | None, face: torch.Tensor | None,
                        p: ImagePrompt, row: int, cfg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -322,7 +341,8 @@ class ImagePrompter:
                                      f"{cond_feats.shape[-1]}-d (use the text tower paired with the image encoder)")  # fmt: skip
                 cond_feats = cond_feats - p.content_scale * content
             if negatives is not None:
-                uncond_feats = self.features(negatives, slot, p.prep)
+                uncond_feats = (self._tiled_negatives(negatives, refs, slot) if p.prep == "tiles"
+                                else self.features(negatives, slot, p.prep))  # fmt: skip
                 if uncond_feats.shape[0] == 1 and k > 1:
                     uncond_feats = uncond_feats.expand(k, *uncond_feats.shape[1:])
                 if uncond_feats.shape != cond_feats.shape:
@@ -382,7 +402,7 @@ class ImagePrompter:
             given = "negative_image" if p.negative_image is not None else "negative_noise"
             raise ValueError(f"{given} sets the unconditional image prompt, which only classifier-free guidance uses, "
                              "and guidance_scale <= 1 turns it off: raise guidance_scale, or leave it out")  # fmt: skip
-        if p.prep == "tiles" and p.weights is not None:
+        if p.prep == "tiles" and p.weights is not None and p.regions is None:  # (with regions: one λ per region)
             raise ValueError("weights are per reference image, and tiles turn one image into several: pass weights "
                              "without prep='tiles', or tile the images yourself and weight the tiles")  # fmt: skip
         ndim = 2 if adapter.config.image_feature == "penultimate" else 1
@@ -428,7 +448,7 @@ class ImagePrompter:
 
         mask = masks_tensor(p.mask, n_prompts)
         if p.regions is not None:
-            return self._region_groups(slot, p, refs, n_prompts, cfg)
+            return self._region_groups(slot, p, refs, n_prompts, cfg, negatives)
         cond, uncond = tokens(refs)
         names = adapter.layer_names
         window = (float(p.start), float(p.end))
@@ -456,9 +476,12 @@ class ImagePrompter:
         scales = layer_weights(names, p.scale, p.preset, p.composition_scale)
         return [TokenGroup(cond, uncond if cfg else None, scales, window, mask)]
 
-    def _region_groups(self, slot: int, p: ImagePrompt, refs: list[list] | None, n_prompts: int,
-                       cfg: bool) -> list[TokenGroup]:  # fmt: skip
-        """Regional prompting: reference j of every prompt acts only inside regions[j] (times weights[j])."""
+    def _region_groups(self, slot: int, p: ImagePrompt, refs: list[list] | None, n_prompts: int, cfg: bool,
+                       negatives: list[list] | None = None) -> list[TokenGroup]:  # fmt: skip
+        """Regional prompting: reference j of every prompt acts only inside regions[j] (times weights[j]). Its
+        groups are those of an image prompt with reference j alone and regions[j] as its mask (a precise preset's
+        unconditional-side group included), their layer scales times weights[j]; per-reference encoder masks and
+        negative images (one per reference) go with their reference."""
         if p.mask is not None or p.composition_image is not None:
             raise ValueError("regions (one mask per reference) cannot be combined with mask or composition_image")
         regions = list(p.regions or [])
@@ -469,15 +492,17 @@ class ImagePrompter:
         weights = list(p.weights) if p.weights is not None else [1.0] * len(regions)
         if len(weights) != len(regions):
             raise ValueError(f"expected one weight per reference ({len(regions)}), found {len(weights)}")
-        scales = layer_weights(self.adapters[slot].layer_names, p.scale, p.preset, p.composition_scale)
-        single = replace(p, regions=None, weights=None, combine="concat")
+        own_negatives = negatives is not None and len(regions) > 1 and {len(x) for x in negatives} == {len(regions)}
+        single = replace(p, regions=None, weights=None)  # `combine` stays: it mixes the tiles of one reference
         groups = []
         for j, region in enumerate(regions):
-            single_j = replace(single, image=[[r[j]] for r in refs or []])
+            single_j = replace(single, image=[[r[j]] for r in refs or []], mask=region)
             if isinstance(p.image_mask, (list, tuple)) and len(p.image_mask) == len(regions) > 1:
                 single_j = replace(single_j, image_mask=p.image_mask[j])  # reference j's own encoder mask
-            (group,) = self._groups(slot, single_j, n_prompts, cfg)
-            groups.append(replace(group, layer_scales=[s * weights[j] for s in scales], mask=masks_tensor(region, 1)))
+            if own_negatives:
+                single_j = replace(single_j, negative_image=[[x[j]] for x in negatives])  # and its own negative
+            for group in self._groups(slot, single_j, n_prompts, cfg):
+                groups.append(replace(group, layer_scales=[s * weights[j] for s in group.layer_scales]))
         return groups
 
     # ---- running --------------------------------------------------------------------------------------------------

@@ -38,19 +38,34 @@ def prepare(image: Image.Image, mode: str = "center_crop", size: int = 224, pad_
         return [ImageOps.pad(image, (size, size), method=resample, color=pad_color)]
     if mode == "center_crop":
         return [ImageOps.fit(image, (size, size), method=resample)]
-    if tile_grid is None and max(w, h) < 4 / 3 * min(w, h):
-        tile_grid = 2
+    tile_grid = _grid(w, h, tile_grid)
     if tile_grid is not None:
-        if tile_grid < 1:
-            raise ValueError(f"tile_grid must be >= 1, found {tile_grid}")
         side = min(w, h)
         square = ImageOps.fit(image, (side, side), method=resample)
         step = side / tile_grid
         return [square.crop((round(i * step), round(j * step), round((i + 1) * step), round((j + 1) * step)))
                 .resize((size, size), resample) for j in range(tile_grid) for i in range(tile_grid)]  # fmt: skip
     side = min(w, h)
-    count = max(2, math.ceil(max(w, h) / side - 1e-9))  # round() left a gap at ratios such as 2.4 (2 tiles)
+    count = tile_count((w, h))
     long = max(w, h)
     starts = [round(k * (long - side) / (count - 1)) for k in range(count)]  # evenly spaced, overlapping if needed
     boxes = [(s, 0, s + side, side) if w >= h else (0, s, side, s + side) for s in starts]
     return [image.crop(box).resize((size, size), resample) for box in boxes]
+
+
+def _grid(w: int, h: int, tile_grid: int | None) -> int | None:
+    """The N of an N x N grid of crops of the central square, or None for crops along the long side."""
+    if tile_grid is None and max(w, h) < 4 / 3 * min(w, h):
+        return 2  # near-square (ComfyUI's 0.75 < h/w < 1.33)
+    if tile_grid is not None and tile_grid < 1:
+        raise ValueError(f"tile_grid must be >= 1, found {tile_grid}")
+    return tile_grid
+
+
+def tile_count(size: tuple[int, int], tile_grid: int | None = None) -> int:
+    """How many squares `prepare(image, "tiles", tile_grid=tile_grid)` cuts from an image of `size` (width, height)."""
+    w, h = size
+    grid = _grid(w, h, tile_grid)
+    if grid is not None:
+        return grid * grid
+    return max(2, math.ceil(max(w, h) / min(w, h) - 1e-9))  # round() left a gap at ratios such as 2.4 (2 tiles)
