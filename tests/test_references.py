@@ -42,6 +42,10 @@ def test_preparation_modes_keep_what_they_promise():
     tiles = prepare(wide, "tiles", 32)
     assert len(tiles) == 3 and [int(np.argmax(_mean(t))) for t in tiles] == [0, 1, 2]  # left, middle, right
     assert len(prepare(Image.new("RGB", (64, 64)), "tiles", 32, tile_grid=2)) == 4
+    assert len(prepare(Image.new("RGB", (64, 64)), "tiles", 32, tile_grid=3.0)) == 9  # a whole float is a grid too
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=rf"tile_grid must be a whole number >= 1 \(an N x N grid\), found {bad}"):
+            prepare(Image.new("RGB", (64, 64)), "tiles", 32, tile_grid=bad)
     with pytest.raises(ValueError, match="unknown reference preparation 'crop'; expected one of center_crop"):
         prepare(wide, "crop")
 

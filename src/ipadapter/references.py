@@ -57,8 +57,10 @@ def _grid(w: int, h: int, tile_grid: int | None) -> int | None:
     """The N of an N x N grid of crops of the central square, or None for crops along the long side."""
     if tile_grid is None and max(w, h) < 4 / 3 * min(w, h):
         return 2  # near-square (ComfyUI's 0.75 < h/w < 1.33)
-    if tile_grid is not None and tile_grid < 1:
-        raise ValueError(f"tile_grid must be >= 1, found {tile_grid}")
+    if tile_grid is not None and (isinstance(tile_grid, bool) or int(tile_grid) != tile_grid or tile_grid < 1):
+        raise ValueError(f"tile_grid must be a whole number >= 1 (an N x N grid), found {tile_grid!r}")
+    if tile_grid is not None:
+        tile_grid = int(tile_grid)
     return tile_grid
 
 
