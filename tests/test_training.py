@@ -176,6 +176,26 @@ def test_loader_workers_start_once_per_run_and_an_epochs_end_resumes_exactly(wor
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_a_run_that_raises_ends_its_loader_workers_and_its_process_exits(world, tmp_path):
+    """An error escaping a run with loader workers (CUDA out of memory, a second Ctrl-C) left them running: the
+    exception's traceback held the loop and its loader, and at exit Python's multiprocessing terminated the workers
+    with SIGTERM, which they ignore (`ignore_stop_signals`), and waited for them for ever: the process hung."""
+    child = f"""
+from ipadapter.training import TrainConfig, Trainer, train
+def out_of_memory(self):
+    raise RuntimeError("out of memory")
+Trainer.validate = out_of_memory
+train(TrainConfig(base={world['base']!r}, image_encoder={world['encoder']!r}, data={world['data']!r}, resolution=16,
+                  batch_size=4, max_steps=6, validate_every=2, num_workers=2, output={str(tmp_path / 'run')!r}),
+      show_progress=False)
+"""
+    try:
+        result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit after the run raised (its loader workers were left running)")
+    assert result.returncode == 1 and "RuntimeError: out of memory" in result.stderr
+
+
 def test_a_resume_takes_new_rates_and_refuses_other_samples(world, tmp_path):
     """What may change on resume (learning rate, weight decay: they were restored from the checkpoint, silently) and
     what may not: other data, seed or resolution (the saved position counts into the run's own course of samples),
@@ -777,6 +797,34 @@ def test_validation_saves_images_and_a_score(world, tmp_path):
     assert Image.open(grid).size == (3 * 16, 2 * 16)  # references over generations
     step, score = (tmp_path / "run" / "validation" / "scores.tsv").read_text().split()
     assert step == "2" and -1.0 <= float(score) <= 1.0
+
+
+def test_validation_at_a_resolution_off_the_8_pixel_grid_does_not_end_the_run(world, tmp_path):
+    """Training takes any --resolution; diffusers' pipelines generate at multiples of 8 only. A 20 px run trained
+    until its first validation and then died there ("`height` and `width` have to be divisible by 8"), losing the
+    steps since its last checkpoint; validation now generates at 16 px."""
+    final = train(_cfg(world, tmp_path / "run", resolution=20, max_steps=2, validate_every=2, validation_images=2,
+                       validation_steps=2), show_progress=False)  # fmt: skip
+    assert final.name == "checkpoint-2"
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "validation" / "step-0000002.png").size == (2 * 20, 2 * 20)
+    step, score = (tmp_path / "run" / "validation" / "scores.tsv").read_text().split()
+    assert step == "2" and -1.0 <= float(score) <= 1.0
+
+
+@pytest.mark.parametrize("max_steps", [4, 2])
+def test_a_failing_validation_loses_no_checkpoint(world, tmp_path, monkeypatch, max_steps):
+    """Validation ran before the save of the same step: one that failed (out of memory on a GPU, a pipeline error)
+    ended the run without the checkpoint of that step, and at the last step without the final one."""
+
+    def failing(self):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(Trainer, "validate", failing)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train(_cfg(world, tmp_path / "run", max_steps=max_steps, save_every=2, validate_every=2), show_progress=False)
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
 
 
 def test_recipe_options_run_and_are_recorded(world, tmp_path):

@@ -589,6 +589,12 @@ class Trainer:
         try:
             return self._loop()
         finally:
+            # the loader's workers end with the run, also when it raises (TrainingInterrupted, a non-finite loss):
+            # the exception's traceback holds the loop's frame, which kept them alive as long as it was held (a
+            # notebook keeps the last one; a caller may store it)
+            batches, self._batches = getattr(self, "_batches", None), None
+            if batches is not None:
+                batches.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -635,7 +641,7 @@ class Trainer:
             if acc.log_with:
                 acc.init_trackers("ipadapter", config={k: v for k, v in dataclasses.asdict(cfg).items() if not isinstance(v, dict)})
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.show_progress, desc="training")
-        batches = self.batches()
+        batches = self._batches = self.batches()  # closed by `run`
         seen, started, losses = 0, time.perf_counter(), []
         first_step, warm = self.step, None  # throughput is measured after two warm-up steps
         while self.step < cfg.max_steps:
@@ -684,10 +690,12 @@ class Trainer:
                 if acc.log_with:
                     acc.log({"loss": mean_loss, "samples_per_s": rate, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.step)
                 losses = []
-            if cfg.validate_every and self.step % cfg.validate_every == 0 and acc.is_main_process:
-                self.validate()
+            # the checkpoint first: a validation that fails (out of memory, a pipeline error) loses no step
             if self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save(losses)
+            if cfg.validate_every and self.step % cfg.validate_every == 0 and self.step < cfg.max_steps \
+                    and acc.is_main_process:  # fmt: skip
+                self.validate()
         bar.close()
         now = time.perf_counter()
         self.loop_seconds = now - started
@@ -696,6 +704,8 @@ class Trainer:
         else:
             self.samples_per_second = seen / max(self.loop_seconds, 1e-9)
         final = self.save(losses)
+        if cfg.validate_every and self.step % cfg.validate_every == 0 and acc.is_main_process:  # after the save
+            self.validate()
         if acc.log_with:
             acc.end_training()
         self.adapter.detach()

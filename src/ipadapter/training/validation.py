@@ -67,13 +67,16 @@ def validate(trainer, records: list[Record]) -> float | None:
     # Accelerate's autocast joins them: generate under the same autocast.
     dtype = trainer._weight_dtype()
     amp = torch.autocast(trainer.accelerator.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    # diffusers' SD / SDXL pipelines take sizes that are multiples of 8 only; training takes any --resolution (the VAE
+    # and UNet handle the rest), so a run at e.g. 500 px generates at 496 px instead of failing at its first validation
+    gen_size = max(8, cfg.resolution // 8 * 8)
     generated = []
     try:
         for i, (reference, face) in enumerate(pairs):
             g = torch.Generator("cpu").manual_seed((cfg.seed + i) % 2**64)
             with amp:
                 out = prompter(image=reference if encoder is not None else None, face_id=face, prompt="", scale=1.0,
-                               num_inference_steps=cfg.validation_steps, height=cfg.resolution, width=cfg.resolution,
+                               num_inference_steps=cfg.validation_steps, height=gen_size, width=gen_size,
                                generator=g)  # fmt: skip
             generated.append(out.images[0])
     finally:  # (the adapter stays attached: it is the training UNet's)
