@@ -668,8 +668,21 @@ def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(
     """The documented DeepSpeed route, with the example config as shipped: ZeRO-2 shards the optimizer over two
     processes (gloo on CPU), bf16 runs the adapter in bfloat16 with float32 master weights, gradient accumulation is
     DeepSpeed's. The checkpoint keeps both processes' shards and the float32 adapter; resuming it gives the
-    uninterrupted run's adapter."""
-    world = compact_world
+    uninterrupted run's adapter. Both images of the second process's first micro-batch are unreadable, so it takes
+    the next one and runs a batch ahead of the first process: each process's own place in the data is saved and
+    resumed (only the first process's was, and the resumed run drifted from the uninterrupted one)."""
+    import shutil
+
+    from ipadapter.training.loop import epoch_batches
+
+    world = dict(compact_world)
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    records = read_records(str(data))
+    first_of_second = next(epoch_batches(len(records), 0, 0, 0, 2, 2, 1))  # seed 0, epoch 0, batch 2, 2 processes
+    for i in first_of_second:
+        Path(records[i].image_path).write_bytes(b"not an image")
+    world["data"] = str(data)
     config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "deepspeed_zero2.yaml"
 
     entry = Path(__file__).with_name("train_without_shm_op.py")  # `-m ipadapter.train` minus a C++ build (see there)
@@ -697,6 +710,8 @@ def test_deepspeed_zero2_on_two_processes_saves_every_shard_and_resumes_exactly(
     assert any(not torch.equal(bf, bf.bfloat16().float()) for bf in saved.values())  # the masters, not bf16 copies
     before = load_file(str(first / "adapter.safetensors"))
     assert any(not torch.equal(before[k], saved[k]) for k in saved)
+    places = load_training_state(first)["ranks"]  # [epoch, position, skipped] of each process after 4 micro-batches
+    assert places[0] == [0, 16, 0] and places[1][:2] == [1, 4] and places[1][2] >= 2  # (2 skipped, more if epoch 1 hit one)
 
     launch("--output", str(tmp_path / "resumed"), "--resume", str(first))
     resumed = load_file(str(tmp_path / "resumed" / "checkpoint-4" / "adapter.safetensors"))

@@ -289,6 +289,11 @@ class Trainer:
                              betas=(cfg.adam_beta1, cfg.adam_beta2))  # fmt: skip
             self.step, self.epoch, self.position = resumed["step"], resumed["epoch"], resumed["position"]
             self.skipped = resumed.get("skipped", 0)
+            # each process its own place in the data: one whose micro-batch was all unreadable took the next one and
+            # runs ahead of the others (checkpoints before "ranks" hold the main process's place only)
+            ranks = resumed.get("ranks")
+            if ranks is not None and len(ranks) == acc.num_processes:
+                self.epoch, self.position, self.skipped = (int(v) for v in ranks[acc.process_index])
 
     def _init_adapter(self, models) -> IPAdapter:
         """The checkpoint to fine-tune (a file, or tinyworld-base / tinyworld-plus), checked against --variant before
@@ -517,9 +522,10 @@ class Trainer:
         return kwargs, put(target), timesteps
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def state(self, optimizer_shards: list[dict] | None = None) -> dict:
+    def state(self, optimizer_shards: list[dict] | None = None, ranks: list[list[int]] | None = None) -> dict:
         """What a checkpoint's training_state.pt holds; under DeepSpeed every process's optimizer shard (gathered by
-        `save`) instead of the one optimizer state."""
+        `save`) instead of the one optimizer state. `ranks`: every process's [epoch, position, skipped] (`data_places`);
+        "epoch", "position" and "skipped" are the main process's."""
         optimizer = {"optimizer_shards": optimizer_shards} if self.deepspeed else {"optimizer": self.optimizer.state_dict()}
         return {
             "step": self.step,
@@ -527,6 +533,7 @@ class Trainer:
             "epoch": self.epoch,
             "position": self.position,
             "skipped": self.skipped,
+            "ranks": ranks if ranks is not None else [[self.epoch, self.position, self.skipped]],
             "data": self.data_identity,
             **optimizer,
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -557,9 +564,16 @@ class Trainer:
             "a loss became non-finite on another process" if not flags[0] else "the adapter weights became non-finite")
         raise FloatingPointError(f"{where}; lower --learning-rate (checkpoints written before it are intact)")
 
+    def data_places(self) -> list[list[int]]:
+        """Every process's [epoch, position, skipped], gathered (a collective: every process calls it)."""
+        acc = self.accelerator
+        mine = torch.tensor([[self.epoch, self.position, self.skipped]], dtype=torch.long, device=acc.device)
+        return (acc.gather(mine) if acc.num_processes > 1 else mine).tolist()
+
     def save(self, losses: list[tuple[int, torch.Tensor]] = ()) -> Path | None:
         self.check_finite(list(losses))  # never write a checkpoint with non-finite weights
         self.accelerator.wait_for_everyone()
+        ranks = self.data_places()
         shards, values = None, None
         if self.deepspeed:  # collectives: every process takes part
             shards = sharded.gather_shards(self.optimizer, self.accelerator)
@@ -567,7 +581,7 @@ class Trainer:
         path = None
         if self.accelerator.is_main_process:
             adapter = self.accelerator.unwrap_model(self.module).adapter
-            path = save_checkpoint(self.output, self.step, adapter, self.state(shards), self.cfg.to_json(),
+            path = save_checkpoint(self.output, self.step, adapter, self.state(shards, ranks), self.cfg.to_json(),
                                    self.cfg.keep_last, adapter_values=values)  # fmt: skip
         self.accelerator.wait_for_everyone()
         return path
