@@ -597,12 +597,16 @@ def test_fine_tune_from_an_official_checkpoint(world, tmp_path):
 def test_two_processes_train_one_checkpoint(compact_world, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); `--multi_gpu` starts two (as
     # torchrun), also without GPUs, and the trainer then sets Accelerate up for gloo on CPU. With --compile: DDP
-    # around a compiled UNet call (the signal test below runs two plain processes under torchrun).
+    # around a compiled UNet call (the signal test below runs two plain processes under torchrun). The embedding
+    # cache's build outlasts the process group's timeout (shortened to 10 s by the entry script): the second process
+    # waits for it outside any collective (it waited in a barrier, which a real build of hours times out).
     world = compact_world
+    entry = Path(__file__).with_name("train_slow_cache_build.py")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "ipadapter.train",
+           "--main_process_port", str(free_port()), str(entry),
            "--base", world["base"], "--image-encoder", world["encoder"], "--data", world["data"], "--resolution", "16",
-           "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run"), "--compile", "aot_eager"]
+           "--batch-size", "2", "--max-steps", "2", "--output", str(tmp_path / "run"), "--compile", "aot_eager",
+           "--cache-embeddings", "true"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]

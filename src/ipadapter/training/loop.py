@@ -107,6 +107,19 @@ def epoch_batches(n: int, seed: int, epoch: int, start: int, batch: int, world: 
         yield order[pos + rank * batch : pos + (rank + 1) * batch]
 
 
+def wait_for_cache(folder: Path, poll: float = 2.0, notice_after: float = 120.0) -> None:
+    """Until the main process has written `folder`/index.json (a finished cache). A process that is still waiting
+    after `notice_after` seconds says what for, once: with several machines the cache folder must be on a file
+    system all of them see. If the main process fails, the launcher (torchrun, accelerate launch) ends this one."""
+    started, told = time.monotonic(), False
+    while not (folder / "index.json").is_file():
+        if not told and time.monotonic() - started > notice_after:
+            print(f"waiting for the main process to build the embedding cache in {folder} (every process reads it "
+                  "there: with several machines it must be on a shared file system)", file=sys.stderr, flush=True)  # fmt: skip
+            told = True
+        time.sleep(poll)
+
+
 class RunBatches:
     """This process's index batches of every epoch from (epoch, start) on, without end: `epoch_batches` chained.
     `lengths` holds the number of batches of each epoch begun and not yet taken off by the consumer, appended before
@@ -396,10 +409,14 @@ class Trainer:
                                    dtype=self._weight_dtype(),
                                    vae_dtype=models.vae.dtype)  # (SDXL's VAE stays float32 under fp16: `models`)
             folder = Path(cfg.cache_dir or self.output / "cache")
-            with self.accelerator.main_process_first():
-                if self.accelerator.is_main_process:
-                    build_cache(folder, dataset, models, self.feature, self.tokenize, expected,
-                                num_workers=cfg.num_workers, show_progress=self.show_progress)
+            # The main process builds, the others wait for its index.json outside any collective: a build takes
+            # hours on a large dataset, and a barrier times out long before (NCCL: 10 minutes, gloo: 30).
+            if self.accelerator.is_main_process:
+                build_cache(folder, dataset, models, self.feature, self.tokenize, expected,
+                            num_workers=cfg.num_workers, show_progress=self.show_progress)
+            else:
+                wait_for_cache(folder)
+            self.accelerator.wait_for_everyone()
             self.cache = EmbeddingCache(folder, expected)
             self.skipped = self.cache.skipped  # counted once, when the cache was built (a resume restores its count)
             dataset = self.cache
