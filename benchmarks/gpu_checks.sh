@@ -67,10 +67,11 @@ fi
 device=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 case $part in
     train)
-        # our trainer with the cache (eager, compiled, channels-last) vs the tutorial_train.py-style loop, and the
-        # FLOPs of each model per sample (what a cache can save where time follows FLOPs)
+        # our trainer with the cache (eager, compiled, channels-last, both, cuDNN's algorithm search) vs the
+        # tutorial_train.py-style loop, and the FLOPs of each model per sample (what a cache can save where time
+        # follows FLOPs)
         $py benchmarks/train_throughput.py "${train[@]}" --compile "$compile" --row channels_last=true \
-            --row "compile=$compile,channels_last=true" 2>&1 | tee "$out/train_throughput.txt"
+            --row "compile=$compile,channels_last=true" --row cudnn_benchmark=true 2>&1 | tee "$out/train_throughput.txt"
         ;;
     inference)
         $py benchmarks/inference_overhead.py "${inference[@]}" --device "$device" 2>&1 | tee "$out/inference_overhead.txt"

@@ -891,12 +891,14 @@ def test_a_compiled_step_trains_the_same_adapter_without_recompiling(compact_wor
 
 def test_channels_last_trains_the_same_adapter_in_nhwc(world, tmp_path):
     """--channels-last: the UNet's weights and the noisy latents it gets are NHWC, and the run trains the adapter the
-    default memory format trains (the same arithmetic in another layout, up to float rounding)."""
+    default memory format trains (the same arithmetic in another layout, up to float rounding). --cudnn-benchmark
+    (the same run) turns cuDNN's algorithm search on for the run's steps only: a process-wide switch, restored."""
     # from the cache: its latents are stored NCHW (a CPU VAE's output may already be NHWC, which would test nothing)
     plain = train(_cfg(world, tmp_path / "plain", max_steps=3, cache_embeddings=True), show_progress=False)
     trainer = Trainer(_cfg(world, tmp_path / "nhwc", max_steps=3, cache_embeddings=True, channels_last=True,
-                           cache_dir=str(tmp_path / "plain" / "cache")), show_progress=False)  # fmt: skip
-    seen: list[bool] = []
+                           cudnn_benchmark=True, cache_dir=str(tmp_path / "plain" / "cache")), show_progress=False)  # fmt: skip
+    seen: list[tuple[bool, bool]] = []
+    assert not torch.backends.cudnn.benchmark
     setup = trainer.setup
 
     def setup_and_watch() -> None:
@@ -904,16 +906,19 @@ def test_channels_last_trains_the_same_adapter_in_nhwc(world, tmp_path):
         unet = trainer.models.unet
         assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         unet.conv_in.register_forward_pre_hook(
-            lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            lambda module, args: seen.append((args[0].is_contiguous(memory_format=torch.channels_last),
+                                              torch.backends.cudnn.benchmark)))  # fmt: skip
 
     trainer.setup = setup_and_watch
     nhwc = trainer.run()
-    assert seen == [True] * 3  # one UNet call per step, each on NHWC latents
+    assert seen == [(True, True)] * 3  # one UNet call per step, each on NHWC latents, with the search on
+    assert not torch.backends.cudnn.benchmark  # and off again after the run
     a, b = load_file(str(plain / "adapter.safetensors")), load_file(str(nhwc / "adapter.safetensors"))
     # convolutions sum in another order; through Adam (which scales near-zero gradients up to steps of about the
     # learning rate, 1e-4) that leaves differences up to 2e-6 after 3 steps, which moved the weights by up to 3e-4
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-5) for k in a)
-    assert TrainConfig.from_json((nhwc / "train_config.json").read_text()).channels_last
+    recorded = TrainConfig.from_json((nhwc / "train_config.json").read_text())
+    assert recorded.channels_last and recorded.cudnn_benchmark
 
 
 def test_bad_settings_are_clear_errors(world, tmp_path, monkeypatch):

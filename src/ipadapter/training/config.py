@@ -46,6 +46,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes for image decoding
     compile: str = ""  # torch.compile backend for the UNet's training step: "" (off), "inductor", ... (compiles once first)
     channels_last: bool = False  # UNet weights and activations in channels-last (NHWC) memory format (GPU convolutions)
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms for the run's fixed shapes (GPU; may pick non-deterministic ones)
     # --- checkpoints and feedback ---
     output: str = "runs/adapter"  # output folder: checkpoints, logs, validation images
     save_every: int = 500  # steps between checkpoints (also saved at the end)

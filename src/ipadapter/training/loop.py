@@ -617,9 +617,13 @@ class Trainer:
                       f"is kept as {moved}", file=sys.stderr)  # fmt: skip
         self.accelerator.wait_for_everyone()
         previous = self._catch_signals()
+        benchmark = torch.backends.cudnn.benchmark  # a process-wide switch: set for the run only
+        if self.cfg.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
         try:
             return self._loop()
         finally:
+            torch.backends.cudnn.benchmark = benchmark
             # the loader's workers end with the run, also when it raises (TrainingInterrupted, a non-finite loss):
             # the exception's traceback holds the loop's frame, which kept them alive as long as it was held (a
             # notebook keeps the last one; a caller may store it)
