@@ -41,24 +41,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, calls: int, rounds: int) -> tuple[float, float]:
-    """(host us, device us) per call: medians over rounds of `calls` calls."""
+def timed(runs: dict, device: torch.device, calls: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
+    """{name: (host us, device us) per call in each round}. Every round times each of `runs` once, the order rotating
+    from round to round, so that a machine's drift falls on all of them alike (and each round's difference between
+    two of them is a paired one)."""
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in runs}
+    keys = list(runs)
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        sync(device)
-        host, whole = [], []
-        for _ in range(rounds):
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(calls):
+        for fn in runs.values():
+            for _ in range(3):
                 fn()
-            issued = time.perf_counter()
-            sync(device)
-            done = time.perf_counter()
-            host.append((issued - start) / calls * 1e6)
-            whole.append((done - start) / calls * 1e6)
-    return statistics.median(host), statistics.median(whole)
+        sync(device)
+        for r in range(rounds):
+            shift = r % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                fn = runs[key]
+                sync(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                issued = time.perf_counter()
+                sync(device)
+                done = time.perf_counter()
+                out[key][0].append((issued - start) / calls * 1e6)
+                out[key][1].append((done - start) / calls * 1e6)
+    return out
 
 
 def main() -> None:
@@ -82,12 +89,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {args.dtype}, {args.resolution} px, batch {b}, {t} image tokens; "
-          f"us per call (host / device), medians of {args.rounds} rounds of {args.calls} calls\n")
+          f"us per call (host / device), medians of {args.rounds} rounds of {args.calls} calls (every round times "
+          f"each column once, in rotating order)\n")
     print("| layer | L x width | text SDPA | image SDPA + add | block | per-head | layer plain | layer ours |")
     print("|---|---|---|---|---|---|---|---|")
     # SD1.5's 16 cross-attention layers: 2 + 2 + 2 in the down blocks, 1 in the middle, 3 + 3 + 3 in the up blocks
     counts = {"down/up 1": 5, "down/up 2": 5, "down/up 3": 5, "mid": 1}
     totals = {"plain": [0.0, 0.0], "ours": [0.0, 0.0]}
+    added = [0.0, 0.0]  # (host, device) us that ours adds per UNet call, from paired per-round differences
     for name, length, width in sd15_layers(args.resolution):
         dh = width // heads
 
@@ -128,16 +137,21 @@ def main() -> None:
             "layer ours": lambda: ours(attn, hidden, context),
         }
         cells = []
-        for key, fn in runs.items():
-            host, whole = timed(fn, device, args.calls, args.rounds)
+        times = timed(runs, device, args.calls, args.rounds)
+        for key in runs:
+            host, whole = (statistics.median(v) for v in times[key])
             cells.append(f"{host:.0f} / {whole:.0f}")
             if key.startswith("layer "):
                 totals[key[6:]][0] += counts[name] * host
                 totals[key[6:]][1] += counts[name] * whole
+        for i in (0, 1):  # ours minus plain: the median of the rounds' paired differences
+            added[i] += counts[name] * statistics.median(
+                o - p for o, p in zip(times["layer ours"][i], times["layer plain"][i]))
         print(f"| {name} | {length} x {width} | " + " | ".join(cells) + " |")
     (hp, dp), (ho, do) = totals["plain"], totals["ours"]
     print(f"\nSD1.5's 16 cross-attention layers together: plain {hp:.0f} / {dp:.0f} us, ours {ho:.0f} / {do:.0f} us; "
-          f"ours adds {ho - hp:.0f} us of host time and {do - dp:.0f} us of device time per UNet call")
+          f"ours adds {added[0]:.0f} us of host time and {added[1]:.0f} us of device time per UNet call (medians of "
+          f"each round's paired difference)")
 
 
 if __name__ == "__main__":

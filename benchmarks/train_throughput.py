@@ -57,6 +57,9 @@ def official_style(cfg, steps: int, device: torch.device) -> float:
                         num_workers=cfg.num_workers)  # fmt: skip
     scheduler, sf = models.noise_scheduler, models.vae.config.scaling_factor
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # tutorial_train.py runs under Accelerate, which with fp16 adds a GradScaler (as our trainer has): backward on the
+    # scaled loss, and an optimizer step that unscales, reads the inf/nan flag back and updates the scale
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     done, started, seen = 0, None, 0
     log = io.StringIO()  # the tutorial prints to the terminal
     while done < steps + 2:
@@ -75,8 +78,9 @@ def official_style(cfg, steps: int, device: torch.device) -> float:
                 adapter.set_tokens(adapter.project(image=image_embeds.float()))
                 loss = F.mse_loss(models.unet(noisy, t, text).sample.float(), noise.float())
             step_loss = loss.detach().mean().item()  # there: accelerator.gather(loss.repeat(bs)).mean().item()
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad()
             print(f"step {done}, step_loss: {step_loss}", file=log)
             if started is not None:
@@ -197,6 +201,11 @@ def main() -> None:
         raise SystemExit(f"--rounds must be >= 1, found {args.rounds}")
     rows = ([{"compile": args.compile}] if args.compile else []) + [parse_row(spec) for spec in args.row]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate puts our trainer
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        # Accelerate autocasts nothing in fp16 on a CPU: our trainer would run its UNet in float32 while this script's
+        # official-style loop autocast it to fp16 (slow CPU kernels), a ratio of precisions, not of caching; and
+        # tutorial_train.py itself would hand its float32 UNet fp16 inputs there
+        raise SystemExit("--mixed-precision fp16 needs a GPU (on a CPU, Accelerate runs no fp16 autocast); use bf16 or no")
     if args.threads:
         torch.set_num_threads(args.threads)
     from tiny_models import make_proportional_sd15, make_world_folder
@@ -235,6 +244,12 @@ def main() -> None:
                  for i, fields in enumerate(rows)]  # (label, samples/s, seconds of the first two warm-up steps, fields)
         flops = flops_per_sample(cfg)
     model = f"SD1.5 + ViT-H proportions (widths x{args.width:g})" if args.proportions else args.base
+    # the official-style loop re-iterates its DataLoader at each epoch (as tutorial_train.py): with workers, new ones
+    # start and decode the epoch's first batch while the GPU waits. A real dataset's epoch is thousands of steps; here
+    # an epoch of samples // batch steps may end inside the timed steps (3 .. steps + 2), which our trainer (one loader
+    # for the run) does not pay: say so next to the ratio
+    per_epoch = args.samples // args.batch_size
+    restarts = sum(1 for k in range(1, args.steps + 2) if 2 <= k * per_epoch <= args.steps + 1) if args.workers else 0
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, torch threads {torch.get_num_threads()}"
     print(f"model: {model}, {args.samples} images at {args.resolution}px, batch {args.batch_size}, {args.steps} timed "
           f"steps, mixed precision {args.mixed_precision}, {args.workers} loader workers, {where}")
@@ -246,6 +261,10 @@ def main() -> None:
         print(f"{label:<{width}}{rate:>10.2f}")
     print(f"ratio (ours / official-style): {cached / baseline:.2f}x   (our set-up, models loaded and the cache built "
           f"once: {cache_seconds:.1f} s)")
+    if restarts:
+        print(f"note: the official-style loop's epoch ({per_epoch} steps) ends {restarts} time(s) inside its timed steps "
+              f"and its {args.workers} loader workers restart there (a real dataset's epochs are far longer): this "
+              f"ratio overstates ours; use --samples >= {(args.steps + 2) * args.batch_size}")
     if args.rounds > 1:
         print(f"samples/s above: medians of {args.rounds} rounds; each round's ratio: "
               + ", ".join(f"{r:.2f}x" for r in round_ratios) + f" (median {statistics.median(round_ratios):.2f}x)")
