@@ -255,9 +255,23 @@ def test_a_guidance_embedding_unet_in_a_pipeline_that_still_guides_matches_diffu
     prompter = _prompter(cls, tmp_path, base, encoder_folder, controlnet=controlnet)
     try:
         found = run(prompter, image=a, scale=0.7, pipeline_image=init, **call)
+        negative = run(prompter, image=a, scale=0.7, pipeline_image=init, negative_image=init, **call)
     finally:
         prompter.detach()
     assert abs(expected - found).max() <= 1e-5
+    assert abs(negative - found).max() > 1e-3  # this pipeline guides: a negative image acts
+    # StableDiffusionPipeline gives the same UNet the scale as an input and runs no unconditional batch: a negative
+    # image changed nothing there, silently; now refused, as with guidance_scale <= 1
+    from diffusers import StableDiffusionPipeline
+
+    prompter = _prompter(StableDiffusionPipeline, tmp_path, base, encoder_folder)
+    try:
+        with pytest.raises(ValueError, match=r"negative_image sets the unconditional image prompt.* a guidance-"
+                                             r"embedding UNet such as an LCM's"):  # fmt: skip
+            run(prompter, image=a, negative_image=init, guidance_scale=7.5, num_inference_steps=2)
+        assert np.isfinite(run(prompter, image=a, guidance_scale=7.5, num_inference_steps=2)).all()
+    finally:
+        prompter.detach()
 
 
 def test_a_misspelt_keyword_is_refused_not_dropped(sd):

@@ -251,9 +251,26 @@ class ImagePrompter:
     def _uses_cfg(self, guidance_scale: float) -> bool:
         # Whether the pipeline may stack an unconditional chunk. Not every pipeline skips guidance for a guidance-
         # embedding UNet (time_cond_proj_dim, LCM): StableDiffusionPipeline does, the ControlNet image-to-image and
-        # inpainting pipelines (SD and SDXL, Union, PAG) do not. The batch layout then reads the chunks from the UNet
-        # batch itself: one chunk (no guidance) gets the conditional tokens, two get [uncond, cond].
-        return guidance_scale > 1
+        # inpainting pipelines (SD and SDXL, Union, PAG) do not. So the pipeline's own `do_classifier_free_guidance`
+        # decides, read with this call's scale (pipelines without it: guidance_scale > 1). The batch layout still
+        # reads the chunks from the UNet batch itself: one chunk gets the conditional tokens, two [uncond, cond].
+        if guidance_scale <= 1:
+            return False
+        rule = getattr(type(self.pipe), "do_classifier_free_guidance", None)
+        if not isinstance(rule, property) or rule.fget is None:
+            return True
+        missing = object()
+        saved = self.pipe.__dict__.get("_guidance_scale", missing)
+        self.pipe._guidance_scale = guidance_scale  # what the property reads (the pipeline sets it in its call)
+        try:
+            return bool(rule.fget(self.pipe))
+        except Exception:  # a property reading call-time state this pipeline has not set: assume guidance
+            return True
+        finally:
+            if saved is missing:
+                del self.pipe.__dict__["_guidance_scale"]
+            else:
+                self.pipe._guidance_scale = saved
 
     # ---- encoding -------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -401,7 +418,9 @@ class ImagePrompter:
         if not cfg and (p.negative_image is not None or p.negative_noise > 0):
             given = "negative_image" if p.negative_image is not None else "negative_noise"
             raise ValueError(f"{given} sets the unconditional image prompt, which only classifier-free guidance uses, "
-                             "and guidance_scale <= 1 turns it off: raise guidance_scale, or leave it out")  # fmt: skip
+                             "and guidance_scale <= 1 turns it off (as does a guidance-embedding UNet such as an LCM's "
+                             "in this pipeline, which takes the scale as an input): raise guidance_scale, or leave it "
+                             "out")  # fmt: skip
         if p.prep == "tiles" and p.weights is not None and p.regions is None:  # (with regions: one λ per region)
             raise ValueError("weights are per reference image, and tiles turn one image into several: pass weights "
                              "without prep='tiles', or tile the images yourself and weight the tiles")  # fmt: skip
